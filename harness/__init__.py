@@ -1,0 +1,1 @@
+"""harness: which fine-tuning method beats QLoRA, measured."""

@@ -1,0 +1,120 @@
+"""Checks of the configuration, done before any job starts. Each failure is one ConfigError
+whose message names the bad key, its value and what is allowed."""
+
+from __future__ import annotations
+
+import os
+import re
+from numbers import Real
+from pathlib import Path
+
+from harness.errors import ConfigError
+from harness.train import SCHEDULES
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "method", "task")
+PRECISIONS = ("bf16", "fp32")
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """Unknown `model=`/`method=`/`task=` options on the command line, sweeps included."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.config_dir or args.config_path:  # the user brings other config folders
+        return
+    try:
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except OverrideParseException as e:
+        raise ConfigError(str(e).splitlines()[0])
+    for o in overrides:
+        if o.key_or_group not in GROUPS or o.is_delete():
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        allowed = group_options(o.key_or_group)
+        for value in values:
+            if value not in allowed:
+                raise ConfigError(f"unknown {o.key_or_group} {value!r} (allowed: {', '.join(allowed)})")
+
+
+def _get(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"{dotted} is missing from the configuration")
+        node = node[part]
+    return node
+
+
+def _positive_int(cfg: dict, key: str, minimum: int = 1) -> None:
+    value = _get(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{key}={value!r}: must be {what}")
+
+
+def _number(cfg: dict, key: str, *, positive: bool = False) -> None:
+    value = _get(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, Real) or value < 0 or (positive and value == 0):
+        raise ConfigError(f"{key}={value!r}: must be a {'positive' if positive else 'non-negative'} number")
+
+
+def _choice(cfg: dict, key: str, allowed) -> None:
+    value = _get(cfg, key)
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: allowed values are {', '.join(map(str, allowed))}")
+
+
+def validate(cfg: dict) -> None:
+    """Check a resolved job config (plain dict); raise ConfigError on the first bad value."""
+    from harness.models import is_local_path
+
+    _positive_int(cfg, "seed", minimum=0)
+    device = _get(cfg, "device")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
+        raise ConfigError(f"device={device!r}: allowed values are auto, cpu, cuda, cuda:N")
+    for key in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every"):
+        _positive_int(cfg, f"train.{key}")
+    _positive_int(cfg, "train.warmup_steps", minimum=0)
+    _number(cfg, "train.lr", positive=True)
+    _number(cfg, "train.weight_decay")
+    _number(cfg, "train.max_grad_norm")
+    _choice(cfg, "train.schedule", SCHEDULES)
+    _choice(cfg, "train.precision", PRECISIONS)
+    _positive_int(cfg, "measure.warmup_steps", minimum=0)
+    _number(cfg, "measure.sample_interval_s", positive=True)
+    _positive_int(cfg, "eval.batch_size")
+
+    name_or_path = _get(cfg, "model.name_or_path")
+    if name_or_path and is_local_path(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise ConfigError(
+            f"model.name_or_path={name_or_path!r}: no such model folder (a folder with config.json, "
+            "or a Hugging Face id like 'org/name')"
+        )
+    if not name_or_path:
+        _get(cfg, "model.tiny")
+
+    _choice(cfg, "method.base_dtype", DTYPES)
+    peft = _get(cfg, "method.peft")
+    if peft:
+        _get(cfg, "method.peft.peft_type")
+        for key in ("r", "init_r", "target_r", "num_virtual_tokens"):
+            if key in peft:
+                _positive_int(cfg, f"method.peft.{key}")
+        if "lora_alpha" in peft:
+            _number(cfg, "method.peft.lora_alpha", positive=True)
+        if "lora_dropout" in peft:
+            dropout = peft["lora_dropout"]
+            if not isinstance(dropout, Real) or not 0 <= dropout < 1:
+                raise ConfigError(f"method.peft.lora_dropout={dropout!r}: must be in [0, 1)")
+
+    for key in ("n_train", "n_validation", "n_test", "max_new_tokens"):
+        if key in cfg["task"]:
+            _positive_int(cfg, f"task.{key}")

@@ -1,0 +1,61 @@
+"""Turn prompt/answer examples into token ids and length-grouped, padding-light batches."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
+
+
+def tokenize_examples(dataset, tokenizer, seq_len: int) -> tuple[list[dict], int]:
+    """Token ids and labels (loss on the answer and EOS only); drops examples over seq_len.
+
+    Returns the examples and how many were dropped. The prompt is tokenized on its own, with
+    the tokenizer's special tokens (BOS), exactly as it is at generation time.
+    """
+    prompts = tokenizer(list(dataset["prompt"]))["input_ids"]
+    answers = tokenizer(list(dataset["answer"]), add_special_tokens=False)["input_ids"]
+    examples, dropped = [], 0
+    for p, a in zip(prompts, answers):
+        a = a + [tokenizer.eos_token_id]
+        if len(p) + len(a) > seq_len:
+            dropped += 1
+            continue
+        examples.append({"input_ids": p + a, "labels": [IGNORE_INDEX] * len(p) + a})
+    return examples, dropped
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches of indices, epoch after epoch, grouping examples of similar length.
+
+    Each epoch shuffles, cuts the order into mega-batches of 64 batches, sorts each by length
+    and cuts it into batches, then shuffles the batches (HF's LengthGroupedSampler idea), so
+    padding stays small while the order stays random and depends only on `seed`.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    mega = batch_size * 64
+    while True:
+        rng.shuffle(order)
+        batches = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start : start + mega], key=lambda i: lengths[i], reverse=True)
+            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        rng.shuffle(batches)
+        yield from batches
+
+
+def collate(examples: list[dict], pad_id: int, device) -> dict:
+    """Right-pad a batch to its longest example; returns tensors on `device`."""
+    import torch
+
+    width = max(len(e["input_ids"]) for e in examples)
+    ids, labels, mask = [], [], []
+    for e in examples:
+        pad = width - len(e["input_ids"])
+        ids.append(e["input_ids"] + [pad_id] * pad)
+        labels.append(e["labels"] + [IGNORE_INDEX] * pad)
+        mask.append([1] * len(e["input_ids"]) + [0] * pad)
+    as_tensor = lambda rows: torch.tensor(rows, dtype=torch.long, device=device)  # noqa: E731
+    return {"input_ids": as_tensor(ids), "attention_mask": as_tensor(mask), "labels": as_tensor(labels)}

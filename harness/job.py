@@ -1,0 +1,254 @@
+"""One fine-tuning job, start to finish, in its own process: `python -m harness.job OUT_DIR`.
+
+The Hydra app (`python -m harness`) starts this process for every job, so that each job's
+peak memory is its own, and passes the resolved config as JSON on stdin. The job loads the
+model, applies the method, scores the model before training, trains, scores it again, and
+writes `OUT_DIR/result.json` whatever happens: `ok`, `oom`, `diverged` or `error`.
+
+Exit codes: 0 for ok/oom/diverged, 1 for error, 2 for a bad configuration (one line on
+stderr, no result written).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import tempfile
+import traceback
+import warnings
+from pathlib import Path
+
+from harness.errors import ConfigError
+from harness.results import RESULT_NAME, environment, new_result, now, write_json_atomic
+
+log = logging.getLogger("harness.job")
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r}, but no CUDA device is available (allowed: auto, cpu)")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool) -> dict:
+    """Seed Python, NumPy and torch; ask torch for deterministic algorithms. Returns what was set."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    return {
+        "seed": seed,
+        "deterministic_algorithms": deterministic,
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        "data_order": "length-grouped shuffle seeded by `seed`",
+    }
+
+
+def autocast_for(device, precision: str):
+    """A context factory: bf16 autocast where the device supports it, else none."""
+    import contextlib
+    import functools
+
+    import torch
+
+    if precision == "bf16" and (device.type == "cpu" or torch.cuda.is_bf16_supported()):
+        return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16), "bfloat16"
+    if precision == "bf16":
+        log.warning("this GPU has no bf16: training without autocast")
+    return contextlib.nullcontext, None
+
+
+def check_method_applies(method: dict, model_config, seq_len: int) -> None:
+    """Refuse, before loading weights, a method that cannot work on this model."""
+    name = method["name"]
+    if method.get("quantization") and not method.get("peft"):
+        raise ConfigError(f"method {name!r}: a quantized base cannot be fully fine-tuned; add a `peft` block")
+    virtual = (method.get("peft") or {}).get("num_virtual_tokens") or 0
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if virtual and limit and virtual + seq_len > limit:
+        raise ConfigError(
+            f"method {name!r}: num_virtual_tokens={virtual} + train.seq_len={seq_len} exceeds "
+            f"the model's max_position_embeddings={limit}"
+        )
+
+
+def batch_stream(examples: list[dict], batch_size: int, seed: int, pad_id: int, device):
+    from harness.data import collate, length_grouped_batches
+
+    lengths = [len(e["input_ids"]) for e in examples]
+    for idx in length_grouped_batches(lengths, batch_size, seed):
+        batch = [examples[i] for i in idx]
+        yield {**collate(batch, pad_id, device), "n_tokens": sum(lengths[i] for i in idx)}
+
+
+def adapter_bytes(model) -> int:
+    """Bytes a checkpoint of the trained weights takes: the saved adapter for PEFT methods,
+    the trainable tensors' bytes for full fine-tuning (not written: it can be many GB)."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    folder = Path(tempfile.mkdtemp(prefix="harness-adapter-"))
+    try:
+        model.save_pretrained(folder)
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def train_and_score(config: dict, device, metrics: dict, sampler) -> None:
+    """Everything a job measures, filled into `metrics` as soon as it is known."""
+    import torch
+    from transformers import AutoConfig
+
+    from harness import measure
+    from harness.data import tokenize_examples
+    from harness.evaluation import score_generation
+    from harness.methods import apply_method, make_optimizer, optimizer_state_bytes, optimizer_state_dtypes
+    from harness.metrics import load_metric
+    from harness.models import load_model, load_tokenizer, resolve_model_source
+    from harness.tasks import load_task
+    from harness.train import lr_scheduler, train
+
+    model_cfg, method, task_cfg, tcfg = config["model"], config["method"], config["task"], config["train"]
+
+    # Data first: a bad task setting fails before any model is loaded.
+    splits = load_task(task_cfg)
+    metric = load_metric(task_cfg["metric"])
+
+    source = resolve_model_source(model_cfg)
+    try:
+        model_config = AutoConfig.from_pretrained(source, revision=model_cfg["revision"])
+    except OSError as e:
+        raise OSError(f"cannot load model {source!r}: {e}") from e
+    check_method_applies(method, model_config, tcfg["seq_len"])
+    tokenizer = load_tokenizer(source, model_cfg["revision"])
+    model = load_model(source, model_cfg["revision"], dtype=getattr(torch, method["base_dtype"]),
+                       quantization=method.get("quantization"), device=device)
+    model = apply_method(model, method, max_steps=tcfg["max_steps"],
+                         gradient_checkpointing=tcfg["gradient_checkpointing"])
+    metrics.update(measure.count_params(model))
+    metrics.update(measure.weight_bytes(model))
+
+    examples, dropped = tokenize_examples(splits["train"], tokenizer, tcfg["seq_len"])
+    if not examples:
+        raise ConfigError(f"train.seq_len={tcfg['seq_len']} is shorter than every training example")
+    metrics["train_examples"], metrics["train_examples_dropped"] = len(examples), dropped
+    autocast, metrics["autocast_dtype"] = autocast_for(device, tcfg["precision"])
+    score = lambda: score_generation(  # noqa: E731
+        model, tokenizer, splits["test"], metric, task_cfg["metric"], batch_size=config["eval"]["batch_size"],
+        max_new_tokens=task_cfg["max_new_tokens"], device=device, autocast=autocast)
+    if config["eval"]["before"]:
+        metrics["score_before"], _ = score()
+        log.info("score before training: %s=%.4f", task_cfg["metric"], metrics["score_before"])
+
+    optimizer = make_optimizer(model, method["optimizer"], tcfg["lr"], tcfg["weight_decay"])
+    scheduler = lr_scheduler(optimizer, tcfg["schedule"], tcfg["warmup_steps"], tcfg["max_steps"])
+    timer = measure.StepTimer(device, config["measure"]["warmup_steps"])
+    batches = batch_stream(examples, tcfg["batch_size"], config["seed"], tokenizer.pad_token_id, device)
+    losses = train(model, optimizer, scheduler, batches, max_steps=tcfg["max_steps"],
+                   grad_accum=tcfg["grad_accum"], max_grad_norm=tcfg["max_grad_norm"], timer=timer,
+                   autocast=autocast, log_every=tcfg["log_every"])
+    metrics.update(sampler.stop())
+    metrics.update(timer.summary())
+    metrics.update(train_loss_first=losses[0], train_loss_last=losses[-1], train_losses=losses)
+    metrics["optimizer"] = method["optimizer"]["name"]
+    metrics["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
+    metrics["optimizer_state_dtypes"] = optimizer_state_dtypes(optimizer)
+    if hasattr(model, "peft_config") and method["peft"]["peft_type"] == "ADALORA":
+        pattern = model.peft_config["default"].rank_pattern or {}
+        metrics["adalora_final_ranks"] = {k: int(sum(v)) for k, v in pattern.items()}
+
+    metrics["score"], metrics["score_samples"] = score()
+    log.info("score after training: %s=%.4f", task_cfg["metric"], metrics["score"])
+    metrics["adapter_bytes"] = adapter_bytes(model)
+
+
+def import_libraries() -> None:
+    import bitsandbytes  # noqa: F401
+    import datasets  # noqa: F401
+    import evaluate  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401  (lazy modules)
+
+
+def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str] = ()) -> dict:
+    """Run one job and write `out_dir/result.json`; returns the result. Raises ConfigError
+    (and writes nothing) when the configuration cannot run."""
+    import torch
+
+    from harness.measure import MemorySampler
+    from harness.train import Diverged
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import_libraries()  # before the memory baseline, so library code is not counted as the job's
+    device = pick_device(config["device"])
+    determinism = seed_everything(config["seed"], config["deterministic"])
+    result = new_result(config)
+    result["env"] = environment(device, command, list(overrides), determinism)
+    metrics = result["metrics"]
+    sampler = MemorySampler(device, config["measure"]["sample_interval_s"]).start()
+    try:
+        train_and_score(config, device, metrics, sampler)
+        result["status"] = "ok"
+    except ConfigError:
+        raise
+    except Diverged as e:
+        result.update(status="diverged", error=str(e))
+        metrics.update(diverged_step=e.step, train_losses=e.losses)
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        result.update(status="oom", error=f"{type(e).__name__}: {e}".strip())
+    except Exception as e:
+        log.error("job failed:\n%s", traceback.format_exc())
+        result.update(status="error", error=f"{type(e).__name__}: {e}")
+    finally:
+        metrics.update(sampler.stop())  # a no-op after training; on failure, the peak so far
+    result["env"]["end_time"] = now()
+    write_json_atomic(out_dir / RESULT_NAME, result)
+    return result
+
+
+def setup_logging(out_dir: Path) -> None:
+    handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(out_dir / "job.log")]
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=handlers, force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    # bitsandbytes' CPU 8-bit matmul warns on every call that it casts inputs to fp16.
+    warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m harness.job OUT_DIR  (resolved config as JSON on stdin)")
+    out_dir = Path(sys.argv[1])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = json.load(sys.stdin)
+    setup_logging(out_dir)
+    try:
+        result = run_job(payload["config"], out_dir, payload.get("command", ""), payload.get("overrides", []))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(1 if result["status"] == "error" else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Measurement: peak memory (sampled in a background thread), step timing, weight bytes.
+
+Peak memory, by device (each reading minus its baseline, taken before the model loads):
+  CUDA  torch's peak allocated and peak reserved (exact, from the caching allocator), and
+        NVML "used" memory of the GPU, sampled. The headline is peak reserved: what the
+        process's tensors really held on the card, allocator slack included.
+  CPU   process RSS, sampled, and the kernel's high-water mark (ru_maxrss). The headline is
+        the larger of the two (the high-water mark cannot miss a short spike).
+All values are MiB (2**20 bytes).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+import time
+
+MIB = 2**20
+
+
+def _max_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+class MemorySampler:
+    """Start before the model loads; `stop()` returns the peaks over the measured span."""
+
+    def __init__(self, device, interval_s: float = 0.01):
+        import psutil
+        import torch
+
+        self.device = torch.device(device)
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
+        self._nvml = None
+        if self.device.type == "cuda":
+            torch.zeros(1, device=self.device)  # create the CUDA context before the baseline
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base_allocated = torch.cuda.memory_allocated(self.device)
+            self.base_reserved = torch.cuda.memory_reserved(self.device)
+            self._nvml = _nvml_handle(self.device)
+            self.base_sampled = self._read()
+        else:
+            self._process = psutil.Process()
+            self.base_sampled = self._read()
+        self.peak_sampled = self.base_sampled
+        self.samples = 0
+        self.peaks: dict | None = None  # set by the first stop()
+
+    def _read(self) -> int:
+        if self.device.type == "cuda":
+            if self._nvml is None:
+                return 0
+            import pynvml
+
+            return pynvml.nvmlDeviceGetMemoryInfo(self._nvml).used
+        return self._process.memory_info().rss
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_sampled = max(self.peak_sampled, self._read())
+            self.samples += 1
+            self._stop.wait(self.interval_s)
+
+    def start(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict:
+        """Stop sampling and return the peaks; later calls return the same peaks."""
+        if self.peaks is None:
+            self.peaks = self._stop_and_read()
+        return self.peaks
+
+    def _stop_and_read(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        self.peak_sampled = max(self.peak_sampled, self._read())
+        sampled = (self.peak_sampled - self.base_sampled) / MIB
+        if self.device.type == "cuda":
+            import torch
+
+            allocated = (torch.cuda.max_memory_allocated(self.device) - self.base_allocated) / MIB
+            reserved = (torch.cuda.max_memory_reserved(self.device) - self.base_reserved) / MIB
+            return {
+                "peak_memory_mb": reserved,
+                "memory_source": "cuda_max_reserved",
+                "cuda_max_allocated_mb": allocated,
+                "cuda_max_reserved_mb": reserved,
+                "nvml_used_peak_mb": sampled if self._nvml is not None else None,
+                "memory_samples": self.samples,
+            }
+        hwm = (_max_rss_bytes() - self.base_sampled) / MIB
+        return {
+            "peak_memory_mb": max(sampled, hwm),
+            "memory_source": "cpu_rss",
+            "rss_peak_sampled_mb": sampled,
+            "rss_high_water_mark_mb": hwm,
+            "memory_samples": self.samples,
+        }
+
+
+def _nvml_handle(device):
+    """NVML handle of the torch device (CUDA_VISIBLE_DEVICES respected), or None without NVML."""
+    import os
+
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = device.index or 0
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible:
+            ids = [v.strip() for v in visible.split(",")]
+            if ids[index].startswith(("GPU-", "MIG-")):
+                return pynvml.nvmlDeviceGetHandleByUUID(ids[index])
+            index = int(ids[index])
+        return pynvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception:  # no driver, no NVML: torch's readings still stand
+        return None
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimer:
+    """Times optimizer steps (device synchronized) and counts their non-padding tokens."""
+
+    def __init__(self, device, warmup_steps: int):
+        self.device = device
+        self.warmup_steps = warmup_steps
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self._t0 = time.perf_counter()
+
+    def stop(self, tokens: int) -> float:
+        synchronize(self.device)
+        elapsed = time.perf_counter() - self._t0
+        self.times.append(elapsed)
+        self.tokens.append(tokens)
+        return elapsed
+
+    def summary(self) -> dict:
+        times, tokens = self.times[self.warmup_steps :], self.tokens[self.warmup_steps :]
+        if not times:
+            return {"tokens_per_s": None, "step_time_ms": None, "timed_steps": 0}
+        ordered = sorted(times)
+        mid = len(ordered) // 2
+        median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+        return {
+            "tokens_per_s": sum(tokens) / sum(times),
+            "step_time_ms": median * 1000,
+            "timed_steps": len(times),
+        }
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def count_params(model) -> dict:
+    """Trainable and total parameters, counting each packed 4-bit weight as its logical size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = _logical_numel(p)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return {"trainable_params": trainable, "total_params": total}
+
+
+def _logical_numel(p) -> int:
+    quant_state = getattr(p, "quant_state", None)  # bitsandbytes Params4bit
+    return quant_state.shape.numel() if quant_state is not None else p.numel()
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size() if t is not None else 0
+
+
+def _quant_state_bytes(p) -> tuple[int, int]:
+    """Bytes of the side data of a quantized weight: (scales, lookup tables).
+
+    Scales grow with the weight: 4-bit block absmax (and with double quantization their own
+    quantized scales), LLM.int8 row scales. Lookup tables (the NF4 code, the 8-bit code of
+    double quantization: about 1 KiB per layer) do not, so bits per weight leave them out.
+    """
+    qs = getattr(p, "quant_state", None)
+    if qs is not None:
+        scales, tables = _nbytes(qs.absmax) + _nbytes(getattr(qs, "offset", None)), _nbytes(qs.code)
+        if getattr(qs, "state2", None) is not None:  # double quantization: the scales' scales
+            scales += _nbytes(qs.state2.absmax)
+            tables += _nbytes(qs.state2.code)
+        return scales, tables
+    return _nbytes(getattr(p, "SCB", None)), 0  # LLM.int8 row scales
+
+
+def weight_bytes(model) -> dict:
+    """Bytes of all weights as stored (packed 4-bit as packed, quantization scales and tables
+    included), and the bits per weight of the quantized Linear layers, scales included (the
+    QLoRA paper's 4.127 bits for NF4 with double quantization); None without any."""
+    total = 0
+    quant_bytes = quant_weights = 0
+    seen = set()
+    for p in list(model.parameters()) + list(model.buffers()):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        scales, tables = _quant_state_bytes(p)
+        total += _nbytes(p) + scales + tables
+        if type(p).__name__ in ("Params4bit", "Int8Params"):
+            quant_bytes += _nbytes(p) + scales
+            quant_weights += _logical_numel(p)
+    return {
+        "weight_bytes": total,
+        "quantized_bits_per_weight": 8 * quant_bytes / quant_weights if quant_weights else None,
+    }

@@ -1,0 +1,133 @@
+"""Methods: turn a `conf/method/*.yaml` into a trainable model and its optimizer.
+
+A method config is data:
+  base_dtype    dtype the (unquantized) base weights are loaded in
+  quantization  keyword arguments of transformers' BitsAndBytesConfig, or null
+  peft          keyword arguments of the PEFT config class named by `peft_type`, or null (full)
+  optimizer     name and settings of the optimizer
+The only glue here: AdaLoRA's step schedule defaults, and clear errors when a method
+cannot apply to the model.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from harness.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw",)
+
+
+def adalora_schedule(peft_kwargs: dict, max_steps: int) -> dict:
+    """AdaLoRA's budget schedule is in steps: fill in what is left null from train.max_steps.
+
+    Defaults follow the AdaLoRA paper's shape: no pruning for the first 10% of steps, ranks
+    reallocated until 30% before the end, then frozen for the final fine-tuning phase.
+    """
+    kw = dict(peft_kwargs)
+    kw["total_step"] = kw.get("total_step") or max_steps
+    if kw.get("tinit") is None:
+        kw["tinit"] = max(1, round(0.1 * kw["total_step"]))
+    if kw.get("tfinal") is None:
+        kw["tfinal"] = max(1, round(0.3 * kw["total_step"]))
+    if kw["tinit"] >= kw["total_step"] - kw["tfinal"]:
+        raise ConfigError(
+            f"adalora: tinit={kw['tinit']} + tfinal={kw['tfinal']} leave no steps to reallocate "
+            f"ranks in total_step={kw['total_step']}; raise train.max_steps or lower them"
+        )
+    return kw
+
+
+def peft_config(method_cfg: dict, max_steps: int):
+    """The PEFT config object of a method, or None for full fine-tuning."""
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftType
+
+    kwargs = dict(method_cfg["peft"])
+    peft_type = kwargs.pop("peft_type")
+    try:
+        config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(peft_type)]
+    except ValueError:
+        allowed = ", ".join(t.value for t in PeftType)
+        raise ConfigError(f"method.peft.peft_type={peft_type!r} is not a PEFT type (allowed: {allowed})")
+    if peft_type == "ADALORA":
+        kwargs = adalora_schedule(kwargs, max_steps)
+    try:
+        return config_cls(task_type="CAUSAL_LM", **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"method {method_cfg['name']!r}: bad PEFT setting: {e}")
+
+
+def apply_method(model, method_cfg: dict, *, max_steps: int, gradient_checkpointing: bool):
+    """Make the loaded model trainable as the method says; returns the model to train."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    gc_kwargs = {"use_reentrant": False}
+    if method_cfg.get("quantization"):
+        # Casts norms/embeddings to fp32 and enables input grads, as the QLoRA recipe does.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=gc_kwargs,
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+
+    if not method_cfg.get("peft"):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    config = peft_config(method_cfg, max_steps)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
+        raise ConfigError(
+            f"method {method_cfg['name']!r} cannot apply to this model: {e} "
+            f"(the model's linear layers: {', '.join(linear)})"
+        )
+
+
+def _is_linear(module) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.Linear)
+
+
+def make_optimizer(model, optimizer_cfg: dict, lr: float, weight_decay: float):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    name = optimizer_cfg["name"]
+    if name == "adamw":
+        betas = tuple(optimizer_cfg.get("betas", (0.9, 0.999)))
+        eps = optimizer_cfg.get("eps", 1e-8)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    raise ConfigError(f"method.optimizer.name={name!r} is unknown (allowed: {', '.join(OPTIMIZERS)})")
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes held by the optimizer's state tensors (e.g. AdamW's two moments)."""
+    import torch
+
+    return sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for t in state.values()
+        if isinstance(t, torch.Tensor)
+    )
+
+
+def optimizer_state_dtypes(optimizer) -> list[str]:
+    import torch
+
+    return sorted(
+        {
+            str(t.dtype).removeprefix("torch.")
+            for state in optimizer.state.values()
+            for t in state.values()
+            if isinstance(t, torch.Tensor) and t.numel() > 1
+        }
+    )

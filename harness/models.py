@@ -1,0 +1,195 @@
+"""Models: build the tiny Llama family locally, and load any model folder or Hub id.
+
+Every model goes through `load_model`, which calls `from_pretrained` on a folder or a Hub id.
+The tiny models are first built once (random weights + a tokenizer trained here on a
+synthetic corpus) into a cache folder keyed by a hash of their config, then loaded from that
+folder like any local checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from harness.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Bump when the way tiny models are built changes, so old cache entries are not reused.
+TINY_BUILD_VERSION = 1
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HARNESS_CACHE", Path.home() / ".cache" / "harness"))
+
+
+def is_local_path(name_or_path: str) -> bool:
+    """True for what can only be a folder (absolute, ./ ../ ~, or more than one '/')."""
+    return (
+        name_or_path.startswith(("/", "./", "../", "~"))
+        or name_or_path.count("/") > 1
+        or os.path.isdir(name_or_path)
+    )
+
+
+def resolve_model_source(model_cfg: dict) -> str:
+    """The folder or Hub id to load: the tiny model's cache folder if none is given."""
+    name_or_path = model_cfg.get("name_or_path")
+    if not name_or_path:
+        return str(build_tiny_model(model_cfg["tiny"]))
+    if is_local_path(name_or_path):
+        folder = Path(name_or_path).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ConfigError(
+                f"model.name_or_path={name_or_path!r}: no such model folder (a folder with "
+                "config.json, or a Hugging Face id like 'org/name')"
+            )
+        return str(folder)
+    return name_or_path
+
+
+# --------------------------------------------------------------------------- tiny family
+
+
+def tiny_cache_dir(tiny_cfg: dict) -> Path:
+    key = json.dumps({"build": TINY_BUILD_VERSION, **tiny_cfg}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_root() / "tiny-models" / digest
+
+
+def build_tiny_model(tiny_cfg: dict) -> Path:
+    """Build (once) and return the folder of a tiny Llama model described by `tiny_cfg`.
+
+    The folder is written under a temporary name and renamed into place, so concurrent jobs
+    of a sweep never see a half-written model.
+    """
+    target = tiny_cache_dir(tiny_cfg)
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    log.info("building tiny model into %s", target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
+    try:
+        tokenizer = train_tokenizer(tiny_cfg["vocab_size"], seed=tiny_cfg["seed"])
+        arch = {k: v for k, v in tiny_cfg.items() if k not in ("vocab_size", "seed")}
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **arch,
+        )
+        with torch.random.fork_rng():  # the job's own random stream must not depend on the cache
+            torch.manual_seed(tiny_cfg["seed"])
+            model = LlamaForCausalLM(config)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another job built it first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def synthetic_corpus(n_lines: int, seed: int) -> list[str]:
+    """Deterministic text for the tokenizer: arithmetic and simple English sentences."""
+    rng = random.Random(seed)
+    words = (
+        "the a model method memory score train test step loss token adapter rank layer "
+        "question answer what is how many number sum difference product of and plus minus "
+        "times equals fine tune learning rate batch sequence length value result"
+    ).split()
+    lines = []
+    for _ in range(n_lines):
+        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        lines.append(f"{a}{rng.choice('+-*')}{b}={a + b}")
+        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + ".")
+    return lines
+
+
+def train_tokenizer(vocab_size: int, seed: int):
+    """A byte-level BPE tokenizer with single-digit tokens (as Llama 3 and Qwen split digits)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(synthetic_corpus(2000, seed), trainer=trainer)
+    bos = SPECIAL_TOKENS["bos_token"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(source: str, revision: str | None):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    except OSError as e:
+        raise OSError(f"cannot load the tokenizer of {source!r}: {e}") from e
+    if tokenizer.pad_token is None:  # Llama and others ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(source: str, revision: str | None, *, dtype, quantization: dict | None, device):
+    """Load a causal LM from a folder or Hub id, quantized through BitsAndBytesConfig if asked."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"revision": revision, "dtype": dtype, "attn_implementation": "sdpa"}
+    if quantization:
+        qcfg = dict(quantization)
+        if "bnb_4bit_compute_dtype" in qcfg:
+            qcfg["bnb_4bit_compute_dtype"] = getattr(torch, qcfg["bnb_4bit_compute_dtype"])
+        kwargs["quantization_config"] = BitsAndBytesConfig(**qcfg)
+        kwargs["device_map"] = {"": device}  # bitsandbytes quantizes while placing weights
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if not quantization:
+        model.to(device)
+    keep_4bit_layout_trainable(model)
+    return model
+
+
+def keep_4bit_layout_trainable(model) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference in eval mode.
+
+    On CPUs with AVX512-BF16, `Linear4bit` repacks its weight the first time it runs in eval
+    mode and never packs it back; training after that (we score before training) runs a
+    kernel without autograd support, so gradients stop flowing through the frozen layers.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

@@ -1,0 +1,162 @@
+"""The result file: its schema, its provenance, and writing it atomically.
+
+`result.json` is the only thing a job hands on: reports and checks read it, never the
+training code. Schema: `harness/result_schema.json` (JSON Schema, documented in the README).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("result_schema.json")
+RESULT_NAME = "result.json"
+STATUSES = ("ok", "oom", "diverged", "error")
+METRIC_KEYS = (
+    "peak_memory_mb", "memory_source", "tokens_per_s", "step_time_ms", "train_loss_first",
+    "train_loss_last", "score_before", "score", "trainable_params", "total_params", "weight_bytes",
+)
+PACKAGES = ("harness", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets",
+            "evaluate", "tokenizers", "hydra-core", "omegaconf", "numpy", "nvidia-ml-py")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_result(config: dict, status: str = "error", error: str | None = None) -> dict:
+    """A result skeleton for `config`: every required metric present, unknown ones null."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "status": status,
+        "error": error,
+        "model": config["model"]["name"],
+        "method": config["method"]["name"],
+        "task": config["task"]["name"],
+        "seed": config["seed"],
+        "config": config,
+        "metrics": {key: None for key in METRIC_KEYS},
+        "env": {},
+    }
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it: readers see the
+    old file, or no file, or the complete new one, never a torn one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def validate(result: dict) -> None:
+    """Raise jsonschema.ValidationError if `result` does not follow the schema."""
+    import jsonschema
+
+    jsonschema.validate(result, json.loads(SCHEMA_PATH.read_text()))
+
+
+def read_result(path: Path) -> dict:
+    result = json.loads(Path(path).read_text())
+    validate(result)
+    return result
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def package_versions() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_state() -> dict:
+    """Commit and dirty flag of the harness checkout, if it runs from one."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(device) -> dict:
+    """Device name, CUDA runtime and driver versions (None on CPU)."""
+    import torch
+
+    if device is None:  # not known (the job process died before reporting it)
+        return {"device": None, "device_name": None, "cuda": None}
+    device = torch.device(device)
+    info = {"device": str(device), "device_name": cpu_name(), "cuda": None}
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        cuda = {"runtime": torch.version.cuda, "driver": None,
+                "capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
+                "total_memory_mb": torch.cuda.get_device_properties(device).total_memory / 2**20}
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            cuda["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception:
+            pass
+        info["cuda"] = cuda
+    return info
+
+
+def environment(device, command: str, overrides: list[str], determinism: dict) -> dict:
+    import torch
+
+    return {
+        "harness_version": package_versions()["harness"],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "packages": package_versions(),
+        **device_info(device),
+        "cpu": {"name": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "git": git_state(),
+        "command": command,
+        "overrides": overrides,
+        "determinism": determinism,
+        "start_time": now(),
+        "end_time": None,
+    }

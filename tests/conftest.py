@@ -1,0 +1,51 @@
+"""Shared set-up: offline Hugging Face libraries, a private model cache, config composition."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1",
+                  TOKENIZERS_PARALLELISM="false")
+
+# Small settings that keep each job to a few seconds on 2 CPU cores.
+FAST = ["train.max_steps=30", "train.log_every=10", "task.n_test=20"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """Tiny models are built once per test session into a private cache (shared by subprocesses)."""
+    if "HARNESS_CACHE" not in os.environ:
+        os.environ["HARNESS_CACHE"] = str(tmp_path_factory.mktemp("harness-cache"))
+    return Path(os.environ["HARNESS_CACHE"])
+
+
+def compose(overrides=()) -> dict:
+    """The resolved job config for `overrides`, as `python -m harness` would build it."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def run_in_process(out_dir: Path, overrides=()) -> dict:
+    """Run one job in this process (no fresh process: faster; memory readings not its own)."""
+    from harness.job import run_job
+
+    return run_job(compose(overrides), out_dir)
+
+
+def cli(args, cwd: Path, timeout=300) -> subprocess.CompletedProcess:
+    """`python -m harness ARGS` in `cwd`, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def results_under(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.rglob("result.json"))]

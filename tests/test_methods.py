@@ -1,0 +1,106 @@
+"""Every method trains a tiny model for real, and its result file is valid and plausible."""
+
+import statistics
+
+import pytest
+
+from conftest import FAST, run_in_process
+from harness import results
+
+METHODS = ["qlora", "lora8", "lora", "adalora", "prompt", "prefix", "full"]
+
+
+@pytest.fixture(scope="module")
+def method_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("methods")
+    return {m: run_in_process(out / m, [f"method={m}", *FAST]) for m in METHODS}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_trains_and_writes_a_valid_result(method, method_results):
+    result = method_results[method]
+    results.validate(result)
+    assert result["status"] == "ok", result["error"]
+    assert result["method"] == method
+    m = result["metrics"]
+    losses = m["train_losses"]
+    assert len(losses) == 30
+    # The loss falls: the last 5 steps average at least 0.3 nats below the first 5.
+    assert statistics.mean(losses[-5:]) < statistics.mean(losses[:5]) - 0.3
+    assert m["train_loss_last"] == losses[-1] and m["train_loss_first"] == losses[0]
+    assert 0 <= m["score_before"] <= 1 and 0 <= m["score"] <= 1
+    assert m["tokens_per_s"] > 0 and m["step_time_ms"] > 0
+    assert m["peak_memory_mb"] >= 0 and m["memory_source"] == "cpu_rss"
+    assert 0 < m["trainable_params"] <= m["total_params"]
+    assert m["adapter_bytes"] > 0 and m["optimizer_state_bytes"] > 0
+    assert result["env"]["packages"]["torch"] and result["env"]["end_time"]
+
+
+def test_parameter_counts_order_methods(method_results):
+    trainable = {m: r["metrics"]["trainable_params"] for m, r in method_results.items()}
+    total = method_results["full"]["metrics"]["total_params"]
+    assert trainable["full"] == total  # every parameter
+    assert trainable["full"] > 3 * trainable["lora"]
+    assert trainable["qlora"] == trainable["lora8"] == trainable["lora"]  # the same LoRA
+    assert trainable["prompt"] < trainable["lora"] / 10
+    assert trainable["prefix"] < trainable["lora"] / 10
+    assert trainable["prompt"] == 20 * 128  # 20 virtual tokens x hidden size
+
+
+def test_quantized_weights_are_packed(method_results):
+    bits = {m: method_results[m]["metrics"]["quantized_bits_per_weight"] for m in ("qlora", "lora8", "lora")}
+    # NF4 + double quantization: 4 + 8/64 + 32/(64*256) = 4.127 bits per weight (QLoRA paper).
+    assert bits["qlora"] == pytest.approx(4.127, abs=0.01)
+    # int8 + one fp32 scale per output row: 8 + 32/in_features, in_features 128..384.
+    assert 8.0 < bits["lora8"] < 8.3
+    assert bits["lora"] is None
+    weight = {m: method_results[m]["metrics"]["weight_bytes"] for m in ("qlora", "lora8", "lora")}
+    assert weight["qlora"] < weight["lora8"] < weight["lora"]
+
+
+def test_full_finetuning_names_its_optimizer_and_precision(method_results):
+    m = method_results["full"]["metrics"]
+    assert m["optimizer"] == "adamw"
+    assert m["optimizer_state_dtypes"] == ["float32"]
+    # AdamW keeps two fp32 moments per trainable parameter.
+    assert m["optimizer_state_bytes"] >= 8 * m["trainable_params"]
+    assert method_results["full"]["config"]["method"]["base_dtype"] == "float32"
+    assert m["autocast_dtype"] == "bfloat16"
+
+
+def test_adalora_reallocates_ranks(method_results):
+    result = method_results["adalora"]
+    ranks = result["metrics"]["adalora_final_ranks"]
+    peft_cfg = result["config"]["method"]["peft"]
+    assert len(ranks) == 4 * 7  # every linear layer of the 4 decoder layers
+    assert all(0 <= r <= peft_cfg["init_r"] for r in ranks.values())
+    assert min(ranks.values()) < max(ranks.values())  # ranks differ between layers
+    # The final budget is the LoRA-comparable one: on average target_r per layer.
+    assert sum(ranks.values()) <= peft_cfg["target_r"] * len(ranks)
+
+
+def test_quantized_layers_hold_bitsandbytes_parameters(model_cache):
+    import bitsandbytes as bnb
+    import torch
+
+    from conftest import compose
+    from harness.methods import apply_method
+    from harness.models import load_model, resolve_model_source
+
+    for method, layer_type, param_type, dtype in [
+        ("qlora", bnb.nn.Linear4bit, bnb.nn.Params4bit, torch.uint8),
+        ("lora8", bnb.nn.Linear8bitLt, bnb.nn.Int8Params, torch.int8),
+    ]:
+        cfg = compose([f"method={method}"])
+        source = resolve_model_source(cfg["model"])
+        model = load_model(source, None, dtype=torch.bfloat16, quantization=cfg["method"]["quantization"],
+                           device=torch.device("cpu"))
+        model = apply_method(model, cfg["method"], max_steps=10, gradient_checkpointing=False)
+        q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+        assert isinstance(q_proj.base_layer, layer_type)
+        assert isinstance(q_proj.base_layer.weight, param_type)
+        assert q_proj.base_layer.weight.dtype == dtype
+        assert not q_proj.base_layer.weight.requires_grad
+        assert q_proj.lora_A["default"].weight.requires_grad
+        if method == "qlora":  # two 4-bit weights per byte
+            assert q_proj.base_layer.weight.numel() == 128 * 128 // 2

@@ -1,0 +1,196 @@
+"""Unit tests of the pieces a job is made of: task data, batching, metric, measurement, results."""
+
+import json
+import os
+import signal
+import statistics
+
+import pytest
+
+from conftest import compose
+
+
+def arithmetic(**overrides):
+    from harness.tasks import load_task
+
+    task = compose()["task"]
+    task.update(overrides)
+    return load_task(task)
+
+
+def test_arithmetic_splits_are_deterministic_disjoint_and_correct():
+    a, b = arithmetic(), arithmetic()
+    for split in ("train", "validation", "test"):
+        assert a[split]["prompt"] == b[split]["prompt"]
+    assert (len(a["train"]), len(a["validation"]), len(a["test"])) == (300, 50, 50)
+    prompts = [set(a[s]["prompt"]) for s in ("train", "validation", "test")]
+    assert not (prompts[0] & prompts[1]) and not (prompts[0] & prompts[2]) and not (prompts[1] & prompts[2])
+    for prompt, answer in zip(a["test"]["prompt"], a["test"]["answer"]):
+        x, y = prompt.rstrip("=").split("+")
+        assert int(answer) == int(x) + int(y) and len(x) == len(y) == 2
+    assert arithmetic(seed=99)["test"]["prompt"] != a["test"]["prompt"]
+
+
+def test_arithmetic_bad_settings_are_refused():
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="operations='/'"):
+        arithmetic(operations="/")
+    with pytest.raises(ConfigError, match="exceeds the 400 distinct problems"):
+        arithmetic(n_train=1000)
+
+
+def test_tokenized_examples_train_on_the_answer_only(model_cache):
+    from harness.data import IGNORE_INDEX, tokenize_examples
+    from harness.models import load_tokenizer, resolve_model_source
+
+    tok = load_tokenizer(resolve_model_source(compose()["model"]), None)
+    ds = arithmetic()["train"]
+    examples, dropped = tokenize_examples(ds, tok, seq_len=64)
+    assert dropped == 0 and len(examples) == 300
+    first = examples[0]
+    answer_ids = [t for t in first["labels"] if t != IGNORE_INDEX]
+    assert tok.decode(answer_ids, skip_special_tokens=True) == ds[0]["answer"]
+    assert answer_ids[-1] == tok.eos_token_id and first["input_ids"][0] == tok.bos_token_id
+    assert tok.decode(first["input_ids"], skip_special_tokens=True) == ds[0]["prompt"] + ds[0]["answer"]
+    _, dropped = tokenize_examples(ds, tok, seq_len=5)
+    assert dropped == 300
+
+
+def test_length_grouped_batches_cover_each_epoch_and_group_lengths():
+    from itertools import islice
+
+    from harness.data import length_grouped_batches
+
+    lengths = [5 + (i * 7) % 40 for i in range(1000)]
+    batches = list(islice(length_grouped_batches(lengths, 10, seed=3), 100))
+    assert sorted(i for b in batches for i in b) == list(range(1000))  # one epoch, each once
+    assert batches == list(islice(length_grouped_batches(lengths, 10, seed=3), 100))
+    assert batches != list(islice(length_grouped_batches(lengths, 10, seed=4), 100))
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded < 1.1 * sum(lengths)  # little padding (random batches would pad ~50%)
+
+
+def test_collate_pads_right_and_masks_labels():
+    import torch
+
+    from harness.data import IGNORE_INDEX, collate
+
+    batch = collate([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [1, 2], "labels": [-100, 2]}],
+                    pad_id=0, device="cpu")
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [1, 2, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [-100, 2, IGNORE_INDEX]]
+    assert batch["input_ids"].dtype == torch.long
+
+
+def test_exact_match_metric_loads_by_path_offline():
+    from harness.metrics import load_metric
+
+    metric = load_metric("exact_match")
+    assert metric.compute(predictions=["19", " 7 ", "3"], references=["19", "7", "4"]) == {
+        "exact_match": pytest.approx(2 / 3)}
+
+
+def test_memory_sampler_sees_an_allocation():
+    import torch
+
+    from harness.measure import MemorySampler
+
+    sampler = MemorySampler("cpu", interval_s=0.005).start()
+    block = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB, touched
+    peaks = sampler.stop()
+    del block
+    assert peaks["memory_source"] == "cpu_rss"
+    assert 250 <= peaks["peak_memory_mb"] < 400
+    assert peaks["rss_high_water_mark_mb"] >= 250 and sampler.stop() is peaks
+
+
+def test_step_timer_excludes_warmup_and_counts_tokens():
+    from harness.measure import StepTimer
+
+    timer = StepTimer("cpu", warmup_steps=2)
+    timer.times, timer.tokens = [9.0, 9.0, 0.1, 0.3, 0.2], [1, 1, 100, 100, 100]
+    s = timer.summary()
+    assert s["timed_steps"] == 3
+    assert s["tokens_per_s"] == pytest.approx(300 / 0.6)
+    assert s["step_time_ms"] == pytest.approx(200)
+    assert StepTimer("cpu", warmup_steps=5).summary()["tokens_per_s"] is None
+
+
+def test_weight_bytes_of_a_plain_model():
+    import torch
+
+    from harness.measure import count_params, weight_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2).to(torch.bfloat16))
+    assert weight_bytes(model) == {"weight_bytes": (4 * 8 + 8) * 4 + (8 * 2 + 2) * 2,
+                                   "quantized_bits_per_weight": None}
+    assert count_params(model) == {"trainable_params": 58, "total_params": 58}
+
+
+def test_atomic_write_leaves_a_whole_file_or_the_old_one(tmp_path):
+    from harness.results import write_json_atomic
+
+    path = tmp_path / "result.json"
+    write_json_atomic(path, {"a": 1})
+    with pytest.raises(ValueError):  # NaN is not JSON: nothing replaces the good file
+        write_json_atomic(path, {"a": float("nan")})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+@pytest.mark.parametrize("returncode,status", [(-signal.SIGKILL, "oom"), (-signal.SIGSEGV, "error"), (3, "error")])
+def test_a_dead_job_still_gets_a_valid_result(returncode, status):
+    from harness.__main__ import result_for_dead_job
+    from harness.results import validate
+
+    result = result_for_dead_job(compose(), returncode, "python -m harness", [])
+    validate(result)
+    assert result["status"] == status and result["error"]
+
+
+def test_diverging_job_stops_early_as_diverged(tmp_path, monkeypatch):
+    import torch
+
+    from conftest import FAST, run_in_process
+    from harness.results import validate
+
+    # The loss turns NaN from the 4th call on, as it does when training blows up.
+    cross_entropy, calls = torch.nn.functional.cross_entropy, []
+
+    def nan_from_fourth_call(*args, **kwargs):
+        calls.append(1)
+        loss = cross_entropy(*args, **kwargs)
+        return loss * float("nan") if len(calls) > 3 else loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_from_fourth_call)
+    result = run_in_process(tmp_path, ["method=lora", *FAST])
+    validate(result)
+    assert result["status"] == "diverged", result["error"]
+    assert result["metrics"]["diverged_step"] == 3
+    assert len(result["metrics"]["train_losses"]) == 3
+    assert result["error"] == "loss is nan at step 3"
+    assert json.loads((tmp_path / "result.json").read_text())["status"] == "diverged"
+
+
+def test_same_seed_same_losses_and_score(tmp_path):
+    from conftest import FAST, run_in_process
+
+    runs = [run_in_process(tmp_path / str(i), ["method=qlora", *FAST, "train.max_steps=15"]) for i in range(2)]
+    assert runs[0]["metrics"]["train_losses"] == runs[1]["metrics"]["train_losses"]
+    assert runs[0]["metrics"]["score"] == runs[1]["metrics"]["score"]
+    other = run_in_process(tmp_path / "seed1", ["method=qlora", *FAST, "train.max_steps=15", "seed=1"])
+    assert other["metrics"]["train_losses"] != runs[0]["metrics"]["train_losses"]
+
+
+def test_scoring_before_training_does_not_change_training(tmp_path):
+    """Evaluation puts layers in eval mode; training afterwards must be the same as without it
+    (bitsandbytes repacks 4-bit weights for CPU inference, which used to break backprop)."""
+    from conftest import FAST, run_in_process
+
+    args = ["method=qlora", *FAST, "train.max_steps=8"]
+    with_eval = run_in_process(tmp_path / "a", args)
+    without = run_in_process(tmp_path / "b", [*args, "eval.before=false"])
+    assert with_eval["metrics"]["train_losses"] == without["metrics"]["train_losses"]
+    assert without["metrics"]["score_before"] is None
