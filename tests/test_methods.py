@@ -104,3 +104,13 @@ def test_quantized_layers_hold_bitsandbytes_parameters(model_cache):
         assert q_proj.lora_A["default"].weight.requires_grad
         if method == "qlora":  # two 4-bit weights per byte
             assert q_proj.base_layer.weight.numel() == 128 * 128 // 2
+
+
+def test_full_finetuning_of_the_default_model_beats_zero_shot(tmp_path):
+    """The task is learnable at the default size and steps, so methods can differ in score."""
+    from conftest import run_in_process
+
+    result = run_in_process(tmp_path, ["method=full"])
+    assert result["status"] == "ok"
+    assert result["metrics"]["score_before"] == 0.0
+    assert result["metrics"]["score"] >= 0.1  # at least 5 of the 50 unseen test problems
