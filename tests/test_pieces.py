@@ -194,3 +194,57 @@ def test_scoring_before_training_does_not_change_training(tmp_path):
     without = run_in_process(tmp_path / "b", [*args, "eval.before=false"])
     assert with_eval["metrics"]["train_losses"] == without["metrics"]["train_losses"]
     assert without["metrics"]["score_before"] is None
+
+
+def test_a_local_model_folder_loads_through_the_same_path(tmp_path):
+    """model=path with a folder in the Hugging Face layout (here: a tiny model's cache folder)."""
+    import shutil
+
+    from conftest import FAST, run_in_process
+    from harness.models import resolve_model_source
+
+    folder = tmp_path / "my-model"
+    shutil.copytree(resolve_model_source(compose()["model"]), folder)
+    result = run_in_process(tmp_path / "out", ["model=path", f"model.name_or_path={folder}",
+                                               "model.name=my-model", "method=lora", *FAST])
+    assert result["status"] == "ok", result["error"]
+    assert result["model"] == "my-model"
+    assert result["config"]["model"]["name_or_path"] == str(folder)
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    """Two micro-batches of 4 give the gradient of one batch of 8 (same-size micro-batches)."""
+    import types
+
+    import torch
+
+    from harness.measure import StepTimer
+    from harness.train import train
+
+    class Regression(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.linear = torch.nn.Linear(3, 1)
+
+        def forward(self, x, y):
+            return types.SimpleNamespace(loss=torch.nn.functional.mse_loss(self.linear(x), y))
+
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def run(batches, grad_accum):
+        model = Regression()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        stream = iter([{"x": bx, "y": by, "n_tokens": len(bx)} for bx, by in batches])
+        timer = StepTimer("cpu", warmup_steps=0)
+        losses = train(model, opt, sched, stream, max_steps=1, grad_accum=grad_accum, max_grad_norm=None,
+                       timer=timer)
+        return model.linear.weight.detach().clone(), losses, timer.tokens
+
+    big = run([(x, y)], grad_accum=1)
+    small = run([(x[:4], y[:4]), (x[4:], y[4:])], grad_accum=2)
+    assert torch.allclose(big[0], small[0], atol=1e-6)
+    assert big[1] == pytest.approx(small[1], abs=1e-6)
+    assert small[2] == [8]  # tokens of both micro-batches counted in the step
