@@ -1,0 +1,42 @@
+"""`python -m harness.report SWEEP_DIR [SWEEP_DIR ...] [--out DIR]`: render a sweep report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from harness.report.aggregate import collect, result_files
+from harness.report.render import default_title, render_report, sweep_name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__)
+    parser.add_argument("sweep_dirs", nargs="+", type=Path, metavar="SWEEP_DIR",
+                        help="sweep (or job) folders holding result.json files")
+    parser.add_argument("--out", type=Path, help="report folder (default: reports/<sweep name>)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+
+    for folder in args.sweep_dirs:
+        if not folder.is_dir():
+            return _error(f"no such folder: {folder}")
+        if not result_files(folder):
+            return _error(f"no result.json under {folder}")
+    df = collect(args.sweep_dirs)
+    if df.empty:
+        return _error(f"no readable result.json under {', '.join(map(str, args.sweep_dirs))}")
+    name = sweep_name(df) or args.sweep_dirs[0].resolve().name
+    index = render_report(df, args.out or Path("reports") / name, default_title(df, args.sweep_dirs))
+    print(index)
+    return 0
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

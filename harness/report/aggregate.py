@@ -1,0 +1,76 @@
+"""Collect every `result.json` of one or more sweep folders into one flat table."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger("harness.report")
+
+KEYS = ["model", "method", "task", "seed", "status", "error", "job_dir"]
+# Columns the report reads; present (maybe empty) even when no result carries them.
+EXPECTED = KEYS + [
+    "metrics.score", "metrics.score_before", "metrics.peak_memory_mb", "metrics.memory_source",
+    "metrics.tokens_per_s", "metrics.trainable_params", "metrics.total_params",
+    "metrics.wall_setup_s", "metrics.wall_train_s", "metrics.wall_eval_s", "metrics.wall_total_s",
+    "config.sweep_name", "config.model.name_or_path", "env.start_time", "env.end_time",
+]
+LISTS = ["metrics.train_losses", "metrics.score_samples"]  # kept in the frame, not in the CSV
+
+
+def result_files(folder: Path) -> list[Path]:
+    """Every `result.json` under `folder` (temporary `.result.json.*.tmp` files do not match)."""
+    return sorted(p for p in Path(folder).rglob("result.json") if p.is_file())
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        log.warning("skipping unreadable %s: %s", path, e)
+        return None
+    if not isinstance(data, dict) or not {"model", "method", "status"} <= data.keys():
+        log.warning("skipping %s: not a result file", path)
+        return None
+    return data
+
+
+def collect(dirs: list[Path]) -> pd.DataFrame:
+    """One row per readable result file under any of `dirs`, nested keys flattened with '.'."""
+    records = []
+    for folder in dirs:
+        for path in result_files(folder):
+            data = _read(path)
+            if data is not None:
+                metrics = data.get("metrics") or {}
+                lists = {key: metrics.pop(key.split(".", 1)[1], None) for key in LISTS}
+                flat = pd.json_normalize(data).iloc[0].to_dict()
+                records.append({**flat, **lists, "job_dir": str(path.parent)})
+    df = pd.DataFrame.from_records(records)
+    for column in EXPECTED + LISTS:
+        if column not in df.columns:
+            df[column] = None
+    return sort_rows(df)
+
+
+def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows by model, method, seed, job folder; key columns first, then the rest by name."""
+    columns = KEYS + sorted(c for c in df.columns if c not in KEYS)
+    return df.sort_values(["model", "method", "seed", "job_dir"], kind="stable")[columns] \
+        .reset_index(drop=True)
+
+
+def _cell(value):
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    """`results.csv`: every flat column but the long lists; same results, same bytes."""
+    table = sort_rows(df.drop(columns=[c for c in LISTS if c in df.columns]))
+    table = table.map(_cell)
+    table.to_csv(path, index=False, lineterminator="\n")

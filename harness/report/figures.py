@@ -1,0 +1,159 @@
+"""The report's figures, as matplotlib `Figure` objects (no pyplot, no global state)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+DPI = 110
+GPU_GB = (24, 40, 80, 141)  # common GPU memory sizes, drawn as GB * 1024 MiB
+BASELINE = "qlora"
+
+
+def model_order(summary: pd.DataFrame) -> list[str]:
+    """Models by size (total parameters), models without a known size last, then by name."""
+    sizes = summary.groupby("model")["total_params"].max()
+    return sorted(sizes.index, key=lambda m: (0, sizes[m], m) if sizes[m] == sizes[m] else (1, 0, m))
+
+
+def method_colors(methods) -> dict[str, str]:
+    palette = [f"C{i}" for i in range(10)]
+    return {m: palette[i % 10] for i, m in enumerate(sorted(set(methods)))}
+
+
+def _marker(method: str) -> dict:
+    if method == BASELINE:
+        return {"marker": "*", "markersize": 15, "markeredgecolor": "black", "zorder": 4}
+    return {"marker": "o", "markersize": 7, "zorder": 3}
+
+
+def _figure(n_panels: int, title: str) -> tuple[Figure, list]:
+    ncols = min(max(n_panels, 1), 3)
+    nrows = math.ceil(max(n_panels, 1) / ncols)
+    fig = Figure(figsize=(4.4 * ncols + 1.8, 3.8 * nrows), dpi=DPI, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig, axes[:n_panels]
+
+
+def _legend(fig: Figure, colors: dict[str, str], extra: list | None = None, lines=False) -> None:
+    handles = [Line2D([], [], color=c, label=m, linewidth=2.5 if m == BASELINE else 1.5)
+               if lines else Line2D([], [], color=c, linestyle="", label=m, **_marker(m))
+               for m, c in colors.items()]
+    fig.legend(handles=handles + (extra or []), loc="outside right upper", fontsize=9)
+
+
+def _no_data(ax) -> None:
+    ax.text(0.5, 0.5, "no ok jobs", transform=ax.transAxes, ha="center", color="grey")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _score_figure(summary: pd.DataFrame, x: str, xlabel: str, title: str, front=None) -> Figure:
+    models = model_order(summary)
+    colors = method_colors(summary["method"])
+    fig, axes = _figure(len(models), title)
+    for ax, model in zip(axes, models):
+        rows = summary[(summary["model"] == model)].dropna(subset=[x, "score_mean"])
+        for _, r in rows.iterrows():
+            ci = r["score_ci"] if r["score_ci"] == r["score_ci"] else None
+            hollow = {"markerfacecolor": "white"} if r["n_ok"] < r["n_jobs"] else {}
+            ax.errorbar(r[x], r["score_mean"], yerr=ci, color=colors[r["method"]], capsize=3,
+                        linestyle="", **_marker(r["method"]), **hollow)
+        if front is not None:
+            on = rows[pd.Series([(model, m) in front for m in rows["method"]], index=rows.index,
+                                dtype=bool)].sort_values([x, "score_mean"])
+            if len(on):  # the step line runs on to the right edge of the points
+                xs = [*on[x], rows[x].max()]
+                ys = [*on["score_mean"], on["score_mean"].iloc[-1]]
+                ax.step(xs, ys, where="post", color="grey", linestyle="--", zorder=2)
+        if rows.empty:
+            _no_data(ax)
+        ax.set_title(model)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("score (test exact match)")
+        ax.grid(alpha=0.3)
+    extra = [Line2D([], [], color="grey", linestyle="--", label="Pareto front")] if front is not None else []
+    _legend(fig, colors, extra)
+    return fig
+
+
+def pareto_figure(summary: pd.DataFrame, front: set[tuple[str, str]]) -> Figure:
+    """Score vs peak memory per model; the Pareto front as a step line; bars: 95% intervals."""
+    return _score_figure(summary, "peak_memory_mb", "peak memory (MiB)",
+                         "Score vs peak memory (up and left is better)", front)
+
+
+def speed_figure(summary: pd.DataFrame) -> Figure:
+    """Score vs training throughput per model; bars: 95% intervals."""
+    return _score_figure(summary, "tokens_per_s", "training throughput (tokens/s)",
+                         "Score vs speed (up and right is better)")
+
+
+def scaling_figure(df: pd.DataFrame, summary: pd.DataFrame) -> Figure:
+    """Peak memory vs model size per method (log-log), GPU sizes as lines, OOM jobs as red x."""
+    colors = method_colors(summary["method"])
+    fig = Figure(figsize=(8, 5), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    sizes = summary.groupby("model")["total_params"].min()  # the base model (fewest added params)
+    points = summary.assign(size=summary["model"].map(sizes)).dropna(subset=["peak_memory_mb", "size"])
+    for method, rows in points.groupby("method"):
+        rows = rows.sort_values("size")
+        ax.plot(rows["size"], rows["peak_memory_mb"], color=colors[method], **_marker(method))
+    if points.empty:
+        ax.text(0.5, 0.5, "no ok jobs", transform=ax.transAxes, ha="center", color="grey")
+    oom = df.loc[df["status"] == "oom", "model"].map(sizes)
+    ax.plot(oom.dropna(), [0.96] * oom.notna().sum(), "x", color="red", markersize=10, mew=2,
+            transform=ax.get_xaxis_transform(), linestyle="")
+    unknown = sorted(set(df.loc[df["status"] == "oom", "model"][oom.isna()]))
+    if unknown:  # out of memory before their size was known
+        ax.text(0.99, 0.9, "out of memory, size unknown: " + ", ".join(unknown), ha="right",
+                transform=ax.transAxes, color="red", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    low = summary["peak_memory_mb"].min()
+    ax.set_ylim(low / 2 if low == low and low > 0 else 10, GPU_GB[-1] * 1024 * 3)
+    for gb in GPU_GB:
+        ax.axhline(gb * 1024, color="grey", linestyle=":", linewidth=1)
+        ax.text(0.01, gb * 1024, f" {gb} GB GPU", transform=ax.get_yaxis_transform(), va="bottom",
+                fontsize=8, color="dimgrey")
+    ax.set_title("Peak memory vs model size")
+    ax.set_xlabel("model parameters (fewest total_params over the methods)")
+    ax.set_ylabel("peak memory (MiB)")
+    ax.grid(alpha=0.3, which="both")
+    _legend(fig, colors, [Line2D([], [], marker="x", color="red", linestyle="", mew=2,
+                                 label="out of memory")])
+    return fig
+
+
+def curves_figure(df: pd.DataFrame, summary: pd.DataFrame) -> Figure:
+    """Training loss per step, mean over the ok seeds of each method, one panel per model."""
+    models = model_order(summary)
+    colors = method_colors(summary["method"])
+    fig, axes = _figure(len(models), "Training loss (mean over seeds)")
+    ok = df[df["status"] == "ok"]
+    for ax, model in zip(axes, models):
+        if not (ok["model"] == model).any():
+            _no_data(ax)
+        for method, rows in ok[ok["model"] == model].groupby("method"):
+            losses = [l for l in rows["metrics.train_losses"] if isinstance(l, list) and l]
+            if losses:
+                mean = pd.DataFrame(losses).mean(axis=0)
+                ax.plot(mean.index + 1, mean.values, color=colors[method], label=method,
+                        linewidth=2.5 if method == BASELINE else 1.5)
+        ax.set_title(model)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+    _legend(fig, colors, lines=True)
+    return fig
+
+
+def save(fig: Figure, path: Path) -> None:
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})

@@ -1,0 +1,193 @@
+"""Write the report folder: results.csv, the figures as PNG, and index.html."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+from jinja2 import Environment, FileSystemLoader
+from markupsafe import Markup
+
+from harness.report import figures
+from harness.report.aggregate import collect, write_csv
+from harness.report.verdict import against_baseline, cannot_conclude, pareto_front, summarize
+
+BASELINE = "qlora"
+MEMORY_SOURCES = {
+    "cuda_max_reserved": "torch's peak reserved CUDA memory minus its baseline taken just before "
+                         "the model loads",
+    "cpu_rss": "the peak resident memory (RSS) of the job's process minus its baseline taken just "
+               "before the model loads",
+}
+WALL = [("metrics.wall_setup_s", "setup (s)"), ("metrics.wall_train_s", "train (s)"),
+        ("metrics.wall_eval_s", "eval (s)")]
+FIGURES = [
+    ("pareto.png", "Score vs peak memory",
+     "Each point is one method's mean over its ok seeds; bars are 95% intervals of the mean "
+     "(none with one seed). The dashed step line joins the Pareto front: no other method has "
+     "both less memory and a higher score. Hollow markers: methods with a failed or out-of-memory "
+     "job, which are never on the front. QLoRA is the black-edged star."),
+    ("speed.png", "Score vs speed",
+     "Training throughput (non-padding tokens per second, after the warm-up steps) against the "
+     "score; further right trains faster."),
+    ("scaling.png", "Memory vs model size",
+     "Mean peak memory of each method against the model's parameter count, on log-log axes. "
+     "Dotted lines mark common GPU sizes; red crosses at the top are jobs that ran out of memory (those that did so before their model's "
+     "size was known are named in red)."),
+    ("curves.png", "Training curves",
+     "Training loss at every optimizer step, averaged over each method's ok seeds."),
+]
+
+
+def sweep_name(df: pd.DataFrame) -> str | None:
+    """The sweep name all results share (`config.sweep_name`), else None."""
+    names = df["config.sweep_name"].dropna().unique() if "config.sweep_name" in df else []
+    return str(names[0]) if len(names) == 1 else None
+
+
+def default_title(df: pd.DataFrame, sweep_dirs: list[Path]) -> str:
+    return sweep_name(df) or ", ".join(Path(d).resolve().name for d in sweep_dirs)
+
+
+def _num(x, fmt: str = "{:,.1f}") -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def _score(r) -> str:
+    if r["n_scored"] == 0:
+        return "—"
+    if r["n_scored"] == 1:
+        return f"{r['score_mean']:.3f} (1 seed, no interval)"
+    return f"{r['score_mean']:.3f} ± {r['score_ci']:.3f}"
+
+
+def _diff(c) -> str:
+    if math.isnan(c["score_diff"]):
+        return "—"
+    if math.isnan(c["diff_lo"]):
+        return f"{c['score_diff']:+.3f} (no interval)"
+    return f"{c['score_diff']:+.3f} [{c['diff_lo']:+.3f}, {c['diff_hi']:+.3f}]"
+
+
+def verdict_table(model: str, summary: pd.DataFrame, comparison: pd.DataFrame, front,
+                  uuid: str = "verdict") -> str:
+    """One model's methods against QLoRA, as HTML (★: on the Pareto front)."""
+    s = summary[summary["model"] == model].set_index("method")
+    c = comparison[comparison["model"] == model].set_index("method")
+    rows = [{
+        "method": ("★ " if (model, m) in front else "") + m,
+        "jobs ok": f"{s.at[m, 'n_ok']} / {s.at[m, 'n_jobs']}",
+        "score (mean ± 95% CI)": _score(s.loc[m]),
+        "Δ score vs QLoRA [95% CI]": _diff(c.loc[m]),
+        "peak memory (MiB)": _num(s.at[m, "peak_memory_mb"]),
+        "memory vs QLoRA": _num(c.at[m, "memory_ratio"], "{:.2f}×"),
+        "tokens/s": _num(s.at[m, "tokens_per_s"], "{:,.0f}"),
+        "speed vs QLoRA": _num(c.at[m, "speed_ratio"], "{:.2f}×"),
+        "trainable params": _num(s.at[m, "trainable_params"], "{:,.0f}"),
+        "verdict": c.at[m, "verdict"],
+    } for m in s.index]
+    table = pd.DataFrame(rows)
+    baseline = [m == BASELINE for m in s.index]
+    styler = table.style.hide(axis="index").format(escape="html").set_uuid(uuid)
+    styler = styler.apply(lambda row: ["background-color: #fff3c4; font-weight: bold"
+                                       if baseline[row.name] else ""] * len(row), axis=1)
+    return styler.set_table_attributes('class="verdict"').to_html()
+
+
+def run_table(df: pd.DataFrame) -> str:
+    """Every job, failed ones included, with its error message."""
+    columns = {"model": "model", "method": "method", "seed": "seed", "status": "status",
+               "error": "error", "metrics.score": "score", "metrics.peak_memory_mb": "peak memory (MiB)",
+               "metrics.tokens_per_s": "tokens/s"}
+    columns.update({k: v for k, v in WALL if k in df and df[k].notna().any()})
+    columns["job_dir"] = "job folder"
+    table = df[list(columns)].rename(columns=columns).astype(object)
+    formats = {"score": "{:.3f}", "peak memory (MiB)": "{:,.1f}", "tokens/s": "{:,.0f}",
+               **{v: "{:.1f}" for k, v in WALL}}
+    styler = table.style.hide(axis="index").set_uuid("runs").format(
+        {k: (lambda x, f=f: _num(x, f)) for k, f in formats.items() if k in table},
+        na_rep="—", escape="html")
+    styler = styler.map(lambda s: "" if s == "ok" else "color: #b00020; font-weight: bold",
+                        subset=["status"])
+    return styler.set_table_attributes('class="runs"').to_html()
+
+
+def _unique(df: pd.DataFrame, column: str) -> str:
+    values = sorted(map(str, df[column].dropna().unique())) if column in df else []
+    return ", ".join(values) if values else "unknown"
+
+
+def provenance(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """Where and with what the jobs ran, from their own result files."""
+    git = sorted({c[:12] + (" (dirty)" if pd.notna(d) and bool(d) else "") for c, d in
+                  zip(df.get("env.git.commit", []), df.get("env.git.dirty", [])) if isinstance(c, str)})
+    items = [("harness version", _unique(df, "env.harness_version")),
+             ("git commit", ", ".join(git) or "unknown"),
+             ("devices", _unique(df, "env.device_name")), ("hosts", _unique(df, "env.hostname")),
+             ("jobs ran", f"{_first(df, 'env.start_time', min)} to {_first(df, 'env.end_time', max)}"),
+             ("commands", _unique(df, "env.command"))]
+    packages = sorted(c for c in df.columns if c.startswith("env.packages."))
+    items += [(c.removeprefix("env.packages."), _unique(df, c)) for c in packages]
+    return items
+
+
+def _first(df: pd.DataFrame, column: str, pick) -> str:
+    values = [v for v in df.get(column, []) if isinstance(v, str)]
+    return pick(values) if values else "unknown"
+
+
+def intro(df: pd.DataFrame, summary: pd.DataFrame) -> str:
+    counts = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().sort_index().items())
+    seeds = sorted(df["seed"].dropna().unique())
+    return (f"{len(df)} jobs ({counts}): {summary['model'].nunique()} model(s) × "
+            f"{summary['method'].nunique()} method(s), seeds {', '.join(map(str, seeds))}, "
+            f"task {_unique(df, 'task')}. Each job fine-tuned one model with one method, then "
+            "measured its peak memory, training throughput and test score. QLoRA (qlora) is the "
+            "baseline. A difference in score counts only when the 95% interval of the difference "
+            "of mean scores over seeds excludes zero; memory counts as less or more beyond ±5%.")
+
+
+def memory_note(df: pd.DataFrame) -> str:
+    sources = sorted(df["metrics.memory_source"].dropna().unique())
+    described = "; ".join(f"{s}: {MEMORY_SOURCES.get(s, 'see the README')}" for s in sources)
+    return ("Peak memory (MiB) is measured from just before the model loads to the end of "
+            f"training, zero-shot scoring included, with the libraries already imported. "
+            f"Source here: {described or 'unknown'}.")
+
+
+def render_report(df: pd.DataFrame, out_dir: Path, title: str) -> Path:
+    """Write results.csv, the figures and index.html for the collected results `df`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(df)
+    comparison = against_baseline(summary, BASELINE)
+    front = pareto_front(summary)
+    write_csv(df, out_dir / "results.csv")
+    made = {"pareto.png": figures.pareto_figure(summary, front),
+            "speed.png": figures.speed_figure(summary),
+            "scaling.png": figures.scaling_figure(df, summary),
+            "curves.png": figures.curves_figure(df, summary)}
+    for name, fig in made.items():
+        figures.save(fig, out_dir / name)
+    models = figures.model_order(summary)
+    env = Environment(loader=FileSystemLoader(Path(__file__).parent), autoescape=True,
+                      keep_trailing_newline=True)
+    html = env.get_template("template.html.j2").render(
+        title=title, intro=intro(df, summary), memory_note=memory_note(df),
+        verdicts=[(m, Markup(verdict_table(m, summary, comparison, front, f"verdict{i}")))
+                  for i, m in enumerate(models)],
+        figures=FIGURES, notes=cannot_conclude(df, summary, BASELINE),
+        runs=Markup(run_table(df)), provenance=provenance(df))
+    index = out_dir / "index.html"
+    index.write_text(html)
+    return index
+
+
+def build_report(sweep_dirs: list[Path], out_dir: Path, title: str | None = None) -> Path:
+    """Collect the results under `sweep_dirs` and write the report into `out_dir`; returns
+    the path of index.html. Raises ValueError when there is no readable result."""
+    df = collect([Path(d) for d in sweep_dirs])
+    if df.empty:
+        raise ValueError(f"no result.json under {', '.join(map(str, sweep_dirs))}")
+    return render_report(df, out_dir, title or default_title(df, sweep_dirs))

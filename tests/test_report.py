@@ -1,0 +1,301 @@
+"""The sweep report: verdict and Pareto logic on hand-made rows, then whole reports rendered from
+fabricated result files (no training), and the command line."""
+
+import json
+import logging
+import math
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness.report import build_report
+from harness.report.aggregate import collect
+from harness.report.verdict import (against_baseline, cannot_conclude, pareto_front, summarize,
+                                    t975)
+from harness.results import validate
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- hand-made rows
+
+
+def rows(*jobs) -> pd.DataFrame:
+    """Jobs as (model, method, seed, status, score, peak memory MiB)."""
+    return pd.DataFrame([{
+        "model": model, "method": method, "seed": seed, "status": status, "metrics.score": score,
+        "metrics.peak_memory_mb": memory, "metrics.tokens_per_s": 1000.0,
+        "metrics.trainable_params": 10, "metrics.total_params": 1000, "task": "t",
+    } for model, method, seed, status, score, memory in jobs])
+
+
+def verdicts(df) -> dict:
+    comparison = against_baseline(summarize(df))
+    return dict(zip(comparison["method"], comparison["verdict"]))
+
+
+def test_summary_intervals_one_seed_and_several():
+    s = summarize(rows(("m", "a", 0, "ok", 0.5, 100), ("m", "b", 0, "ok", 0.1, 100),
+                       ("m", "b", 1, "ok", 0.2, 100), ("m", "b", 2, "ok", 0.6, 100)))
+    a, b = s.set_index("method").loc["a"], s.set_index("method").loc["b"]
+    assert a["n_scored"] == 1 and a["score_mean"] == 0.5 and math.isnan(a["score_ci"])
+    sd = pd.Series([0.1, 0.2, 0.6]).std()
+    assert b["score_mean"] == pytest.approx(0.3)
+    assert b["score_ci"] == pytest.approx(4.303 * sd / math.sqrt(3))
+    assert t975(1) == 12.706 and t975(2.7) == 4.303 and 1.96 < t975(200) < t975(31) < 2.042
+
+
+def test_summary_counts_only_ok_rows_and_skips_missing_scores():
+    s = summarize(rows(("m", "a", 0, "ok", 0.4, 100), ("m", "a", 1, "ok", None, 300),
+                       ("m", "a", 2, "oom", None, 9999), ("m", "a", 3, "error", 0.9, 5)))
+    a = s.iloc[0]
+    assert (a["n_jobs"], a["n_ok"], a["n_oom"], a["n_scored"]) == (4, 2, 1, 1)
+    assert a["score_mean"] == 0.4 and a["peak_memory_mb"] == 200
+
+
+def test_verdicts_against_qlora():
+    df = rows(*[("m", method, seed, "ok", score + 0.01 * seed, memory)
+                for method, score, memory in [("qlora", 0.5, 100), ("fast", 0.8, 50),
+                                              ("big", 0.8, 200), ("worse", 0.1, 300),
+                                              ("small", 0.1, 50), ("same", 0.5, 102)]
+                for seed in range(3)])
+    assert verdicts(df) == {
+        "qlora": "baseline", "fast": "beats QLoRA on score and memory",
+        "big": "better score, more memory", "worse": "dominated by QLoRA",
+        "small": "worse score, less memory", "same": "same score, same memory"}
+
+
+def test_difference_interval_is_welch_and_needs_two_seeds():
+    df = rows(("m", "qlora", 0, "ok", 0.1, 100), ("m", "qlora", 1, "ok", 0.3, 100),
+              ("m", "lora", 0, "ok", 0.5, 100), ("m", "lora", 1, "ok", 0.6, 100),
+              ("m", "lora", 2, "ok", 0.7, 100), ("m", "one", 0, "ok", 0.9, 50))
+    c = against_baseline(summarize(df)).set_index("method")
+    va, vb = 0.01 / 3, 0.02 / 2  # variance of each mean
+    dof = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 1)
+    half = t975(dof) * math.sqrt(va + vb)
+    assert c.at["lora", "score_diff"] == pytest.approx(0.4)
+    assert c.at["lora", "diff_hi"] - c.at["lora", "score_diff"] == pytest.approx(half)
+    assert c.at["lora", "verdict"] == "same score, same memory"  # interval includes 0
+    assert math.isnan(c.at["one", "diff_lo"])
+    assert c.at["one", "verdict"] == "beats QLoRA on score and memory (1 seed: not conclusive)"
+
+
+def test_no_baseline_and_failed_methods():
+    df = rows(("m", "lora", 0, "ok", 0.5, 100), ("m", "full", 0, "oom", None, None),
+              ("n", "qlora", 0, "ok", 0.5, 100), ("n", "full", 0, "error", None, None))
+    c = against_baseline(summarize(df))
+    assert list(c["verdict"]) == ["not comparable (OOM)", "no QLoRA baseline",
+                                  "not comparable (failed)", "baseline"]
+
+
+def points(*p) -> pd.DataFrame:
+    """Summary rows as (model, method, peak memory, mean score, jobs ok, jobs run)."""
+    return pd.DataFrame(p, columns=["model", "method", "peak_memory_mb", "score_mean", "n_ok",
+                                    "n_jobs"])
+
+
+def test_pareto_dominance_and_ties():
+    front = pareto_front(points(
+        ("m", "a", 100, 0.5, 2, 2), ("m", "b", 200, 0.9, 2, 2),   # the trade-off: both on it
+        ("m", "c", 200, 0.4, 2, 2),                               # more memory, lower score
+        ("m", "d", 100, 0.4, 2, 2),                               # same memory, lower score
+        ("m", "e", 150, 0.5, 2, 2),                               # same score, more memory
+        ("m", "tie", 100, 0.5, 2, 2),                             # exactly equal to a
+        ("n", "c", 200, 0.4, 2, 2)))                              # alone on its model
+    assert front == {("m", "a"), ("m", "tie"), ("m", "b"), ("n", "c")}
+
+
+def test_pareto_excludes_oom_failed_and_unscored():
+    front = pareto_front(points(
+        ("m", "qlora", 100, 0.5, 2, 2), ("m", "oom", 10, 0.9, 1, 2),
+        ("m", "failed", math.nan, math.nan, 0, 2), ("m", "noscore", 5, math.nan, 2, 2)))
+    assert front == {("m", "qlora")}
+
+
+def test_cannot_conclude():
+    df = rows(("m", "lora", 0, "ok", 0.5, 100), ("n", "qlora", 0, "error", None, None))
+    notes = " | ".join(cannot_conclude(df, summarize(df)))
+    assert "m: only one method (lora)" in notes
+    assert "m: no qlora run" in notes
+    assert "m: only one scored seed for lora" in notes
+    assert "n: every job failed" in notes
+    assert "1 of 2 jobs did not end ok (1 error)" in notes
+
+
+# --------------------------------------------------------------------------- fabricated sweeps
+
+
+def fake_result(model: str, method: str, seed: int, status: str = "ok", score: float = 0.5,
+                memory: float = 100.0, total: int = 1_000_000) -> dict:
+    """A schema-valid result.json for a job that never ran."""
+    ok = status == "ok"
+    metrics = {
+        "peak_memory_mb": memory if status != "error" else None, "memory_source": "cpu_rss",
+        "tokens_per_s": 1000.0 + 10 * seed if ok else None, "step_time_ms": 50.0 if ok else None,
+        "train_loss_first": 5.0 if ok else None, "train_loss_last": 1.0 + seed if ok else None,
+        "train_losses": [5.0, 3.0, 1.0 + seed] if ok else [], "score_before": 0.0 if ok else None,
+        "score": score if ok else None, "trainable_params": 1000 if ok else None,
+        "total_params": total if ok else None, "weight_bytes": 4 * total if ok else None,
+        "score_samples": [{"prompt": "1+1=", "reference": "2", "prediction": "2"}] if ok else [],
+        "wall_setup_s": 1.5, "wall_train_s": 10.0 if ok else None, "wall_eval_s": 2.0 if ok else None,
+    }
+    result = {
+        "schema_version": 1, "status": status,
+        "error": None if ok else ("CUDA out of memory" if status == "oom"
+                                  else "RuntimeError: <boom> & bust"),
+        "model": model, "method": method, "task": "arithmetic", "seed": seed,
+        "config": {"model": {"name": model, "name_or_path": f"org/{model}"},
+                   "method": {"name": method}, "task": {"name": "arithmetic"},
+                   "train": {"max_steps": 3}, "seed": seed, "sweep_name": "fake-sweep"},
+        "metrics": metrics,
+        "env": {"harness_version": "0.1.0", "python": "3.11", "platform": "Linux", "hostname": "box",
+                "packages": {"torch": "2.13.0", "peft": "0.21.2"}, "device": "cuda:0",
+                "device_name": "NVIDIA H200", "cuda": {"runtime": "12.8"}, "cpu": {"cores": 2},
+                "git": {"commit": "0123456789abcdef", "dirty": False}, "command": "python -m harness",
+                "overrides": [f"model={model}"], "determinism": {"seed": seed},
+                "start_time": f"2026-11-29T10:0{seed}:00+00:00",
+                "end_time": f"2026-11-29T11:0{seed}:00+00:00"},
+    }
+    validate(result)
+    return result
+
+
+JOBS = [("small", "qlora", 0.50, 100, 1_000_000), ("small", "lora", 0.55, 120, 1_000_000),
+        ("small", "full", 0.90, 200, 900_000), ("big", "qlora", 0.60, 400, 4_000_000),
+        ("big", "lora", 0.61, 450, 4_000_000), ("big", "full", 0.95, 900, 3_900_000)]
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    """Two seeds of JOBS, big/full seed 0 out of memory, one error job, one job still running,
+    a temporary file and a truncated result file (these three are not results)."""
+    root = tmp_path / "sweep"
+    n = 0
+    for model, method, score, memory, total in JOBS:
+        for seed in (0, 1):
+            status = "oom" if (model, method, seed) == ("big", "full", 0) else "ok"
+            job = root / f"{n}_{model}_{method}_s{seed}"
+            job.mkdir(parents=True)
+            result = fake_result(model, method, seed, status, score + 0.02 * seed, memory, total)
+            (job / "result.json").write_text(json.dumps(result))
+            n += 1
+    other = tmp_path / "sweep2" / "0_small_prompt_s0"
+    other.mkdir(parents=True)
+    (other / "result.json").write_text(json.dumps(fake_result("small", "prompt", 0, "error")))
+    (root / "running").mkdir()
+    (root / "running" / ".result.json.x1y2.tmp").write_text('{"schema_version": 1, "sta')
+    (root / "torn").mkdir()
+    (root / "torn" / "result.json").write_text('{"schema_version": 1, "sta')
+    return root
+
+
+class Page(HTMLParser):
+    """Text of every table (by class), every <img src>, and all the text."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.tables, self.images, self.text, self._table = {}, [], [], None
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self._table = attrs.get("class", "")
+            self.tables.setdefault(self._table, [])
+        elif tag == "img":
+            self.images.append(attrs["src"])
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._table is not None and data.strip():
+            self.tables[self._table].append(data.strip())
+
+
+def test_collect_skips_what_is_not_a_result(sweep, caplog):
+    with caplog.at_level(logging.WARNING):
+        df = collect([sweep, sweep.parent / "sweep2"])
+    assert len(df) == 13 and "torn" in caplog.text
+    assert all(len(losses) == 3 for losses in df.loc[df["status"] == "ok", "metrics.train_losses"])
+    assert list(df["model"])[:2] == ["big", "big"]  # sorted by model, method, seed
+
+
+def test_build_report(sweep, tmp_path):
+    dirs = [sweep, tmp_path / "sweep2"]
+    index = build_report(dirs, tmp_path / "out")
+    out = index.parent
+    csv = pd.read_csv(out / "results.csv")
+    assert len(csv) == 13 and not any("train_losses" in c or "score_samples" in c for c in csv)
+    assert csv["metrics.wall_train_s"].notna().any()
+
+    page = Page(index.read_text())
+    verdict_text = " ".join(page.tables["verdict"])
+    for name in ("small", "big"):
+        assert name in page.text
+    for method in ("qlora", "lora", "full", "prompt"):
+        assert method in page.tables["verdict"] or f"★ {method}" in page.tables["verdict"]
+    assert "★ full" in page.tables["verdict"]  # small/full: best score (big/full had an OOM)
+    assert "not comparable (failed)" in verdict_text
+    assert "fake-sweep" in "".join(page.text)  # the title comes from config.sweep_name
+
+    runs = page.tables["runs"]
+    assert "RuntimeError: <boom> & bust" in runs and "CUDA out of memory" in runs
+    assert "setup (s)" in runs and str(sweep / "torn") not in runs
+
+    assert len(page.images) == 4
+    from matplotlib.image import imread
+    for src in page.images:
+        png = out / src
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert imread(png).shape[0] > 100
+
+    again = build_report(dirs, tmp_path / "out2")
+    assert (out / "results.csv").read_bytes() == (again.parent / "results.csv").read_bytes()
+    assert Page(again.read_text()).tables["verdict"] == page.tables["verdict"]
+    assert again.read_text() == index.read_text()
+
+
+def test_report_of_failed_jobs_only(tmp_path):
+    for i, (model, status) in enumerate([("huge", "oom"), ("broken", "error")]):
+        job = tmp_path / "sweep" / str(i)
+        job.mkdir(parents=True)
+        result = fake_result(model, "qlora", 0, status, memory=None)
+        (job / "result.json").write_text(json.dumps(result))
+    page = Page(build_report([tmp_path / "sweep"], tmp_path / "out").read_text())
+    assert {"not comparable (OOM)", "not comparable (failed)"} <= set(page.tables["verdict"])
+    assert "broken: every job failed; nothing can be said about it." in page.text
+
+
+def test_build_report_without_results(tmp_path):
+    with pytest.raises(ValueError, match="no result.json under"):
+        build_report([tmp_path], tmp_path / "out")
+
+
+def report_cli(args, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness.report", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("bad", ["/no/such/dir", "empty"])
+def test_cli_bad_input(tmp_path, bad):
+    (tmp_path / "empty").mkdir()
+    proc = report_cli([bad], tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith("error: ") and bad in lines[0]
+    assert not (tmp_path / "reports").exists()
+
+
+def test_cli_default_out_is_the_sweep_name(sweep, tmp_path):
+    proc = report_cli([sweep], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    index = tmp_path / "reports" / "fake-sweep" / "index.html"
+    assert proc.stdout.strip() == str(Path("reports/fake-sweep/index.html")) and index.exists()
+    assert "warning:" in proc.stderr and "torn" in proc.stderr
