@@ -18,6 +18,7 @@ import random
 import shutil
 import sys
 import tempfile
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -112,8 +113,12 @@ def adapter_bytes(model) -> int:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def train_and_score(config: dict, device, metrics: dict, sampler) -> None:
-    """Everything a job measures, filled into `metrics` as soon as it is known."""
+def train_and_score(config: dict, device, metrics: dict, sampler, started: float) -> None:
+    """Everything a job measures, filled into `metrics` as soon as it is known.
+
+    `started` is when the job's process was launched (time.time()); wall times are split into
+    setup (process start, imports, model load, data), training and evaluation.
+    """
     import torch
     from transformers import AutoConfig
 
@@ -151,9 +156,16 @@ def train_and_score(config: dict, device, metrics: dict, sampler) -> None:
         raise ConfigError(f"train.seq_len={tcfg['seq_len']} is shorter than every training example")
     metrics["train_examples"], metrics["train_examples_dropped"] = len(examples), dropped
     autocast, metrics["autocast_dtype"] = autocast_for(device, tcfg["precision"])
-    score = lambda: score_generation(  # noqa: E731
-        model, tokenizer, splits["test"], metric, task_cfg["metric"], batch_size=config["eval"]["batch_size"],
-        max_new_tokens=task_cfg["max_new_tokens"], device=device, autocast=autocast)
+    metrics["wall_eval_s"] = 0.0
+
+    def score():
+        t = time.time()
+        value = score_generation(model, tokenizer, splits["test"], metric, task_cfg["metric"],
+                                 batch_size=config["eval"]["batch_size"], max_new_tokens=task_cfg["max_new_tokens"],
+                                 device=device, autocast=autocast)
+        metrics["wall_eval_s"] += time.time() - t
+        return value
+
     if config["eval"]["before"]:
         metrics["score_before"], _ = score()
         log.info("score before training: %s=%.4f", task_cfg["metric"], metrics["score_before"])
@@ -162,9 +174,12 @@ def train_and_score(config: dict, device, metrics: dict, sampler) -> None:
     scheduler = lr_scheduler(optimizer, tcfg["schedule"], tcfg["warmup_steps"], tcfg["max_steps"])
     timer = measure.StepTimer(device, config["measure"]["warmup_steps"])
     batches = batch_stream(examples, tcfg["batch_size"], config["seed"], tokenizer.pad_token_id, device)
+    train_start = time.time()
+    metrics["wall_setup_s"] = train_start - started - metrics["wall_eval_s"]
     losses = train(model, optimizer, scheduler, batches, max_steps=tcfg["max_steps"],
                    grad_accum=tcfg["grad_accum"], max_grad_norm=tcfg["max_grad_norm"], timer=timer,
                    autocast=autocast, log_every=tcfg["log_every"])
+    metrics["wall_train_s"] = time.time() - train_start
     metrics.update(sampler.stop())
     metrics.update(timer.summary())
     metrics.update(train_loss_first=losses[0], train_loss_last=losses[-1], train_losses=losses)
@@ -189,9 +204,11 @@ def import_libraries() -> None:
     from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401  (lazy modules)
 
 
-def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str] = ()) -> dict:
+def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str] = (),
+            launched_at: float | None = None) -> dict:
     """Run one job and write `out_dir/result.json`; returns the result. Raises ConfigError
     (and writes nothing) when the configuration cannot run."""
+    started = launched_at or time.time()
     import torch
 
     from harness.measure import MemorySampler
@@ -207,7 +224,7 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
     metrics = result["metrics"]
     sampler = MemorySampler(device, config["measure"]["sample_interval_s"]).start()
     try:
-        train_and_score(config, device, metrics, sampler)
+        train_and_score(config, device, metrics, sampler, started)
         result["status"] = "ok"
     except ConfigError:
         raise
@@ -221,6 +238,7 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
         result.update(status="error", error=f"{type(e).__name__}: {e}")
     finally:
         metrics.update(sampler.stop())  # a no-op after training; on failure, the peak so far
+    metrics["wall_total_s"] = time.time() - started
     result["env"]["end_time"] = now()
     write_json_atomic(out_dir / RESULT_NAME, result)
     return result
@@ -235,19 +253,24 @@ def setup_logging(out_dir: Path) -> None:
     warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
 
 
-def main() -> None:
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m harness.job OUT_DIR  (resolved config as JSON on stdin)")
-    out_dir = Path(sys.argv[1])
+def run_child(payload: dict, out_dir: str) -> None:
+    """Body of a job process: run the job, exit 0 (ok/oom/diverged), 1 (error) or 2 (bad config)."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = json.load(sys.stdin)
     setup_logging(out_dir)
     try:
-        result = run_job(payload["config"], out_dir, payload.get("command", ""), payload.get("overrides", []))
+        result = run_job(payload["config"], out_dir, payload.get("command", ""), payload.get("overrides", []),
+                         payload.get("launched_at"))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     sys.exit(1 if result["status"] == "error" else 0)
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m harness.job OUT_DIR  (resolved config as JSON on stdin)")
+    run_child(json.load(sys.stdin), sys.argv[1])
 
 
 if __name__ == "__main__":

@@ -36,6 +36,16 @@ def lr_scheduler(optimizer, schedule: str, warmup_steps: int, max_steps: int):
                          num_training_steps=max_steps)
 
 
+def task_loss(logits, labels):
+    """Mean next-token cross-entropy over labelled tokens (what the model's loss is for
+    plain causal LM), computed without gradient for logging."""
+    import torch
+
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
 def is_adalora(model) -> bool:
     from peft import AdaLoraModel
 
@@ -75,9 +85,11 @@ def train(
             batch = next(batches)
             step_tokens += batch.pop("n_tokens")
             with autocast():
-                loss = model(**batch).loss
-            (loss / grad_accum).backward()
-            step_loss += loss.detach() / grad_accum
+                out = model(**batch)
+            (out.loss / grad_accum).backward()
+            # Log the task loss: AdaLoRA's objective adds its orthogonality regularizer.
+            logged = task_loss(out.logits, batch["labels"]) if adalora else out.loss.detach()
+            step_loss += logged / grad_accum
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()

@@ -248,3 +248,18 @@ def test_gradient_accumulation_matches_one_big_batch():
     assert torch.allclose(big[0], small[0], atol=1e-6)
     assert big[1] == pytest.approx(small[1], abs=1e-6)
     assert small[2] == [8]  # tokens of both micro-batches counted in the step
+
+
+def test_logged_task_loss_is_the_models_causal_lm_loss(model_cache):
+    """AdaLoRA's logged loss is recomputed from logits; it must equal what HF computes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from harness.models import resolve_model_source
+    from harness.train import task_loss
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_source(compose()["model"]))
+    ids = torch.tensor([[1, 5, 9, 14, 20, 2], [1, 7, 7, 30, 2, 0]])
+    labels = torch.tensor([[-100, -100, -100, 14, 20, 2], [-100, -100, 7, 30, 2, -100]])
+    out = model(input_ids=ids, labels=labels)
+    assert task_loss(out.logits, labels).item() == pytest.approx(out.loss.item(), rel=1e-5)
