@@ -173,7 +173,7 @@ def load_model(source: str, revision: str | None, *, dtype, quantization: dict |
         if "bnb_4bit_compute_dtype" in qcfg:
             qcfg["bnb_4bit_compute_dtype"] = getattr(torch, qcfg["bnb_4bit_compute_dtype"])
         kwargs["quantization_config"] = BitsAndBytesConfig(**qcfg)
-        kwargs["device_map"] = {"": device}  # bitsandbytes quantizes while placing weights
+        kwargs["device_map"] = {"": str(device)}  # bitsandbytes quantizes while placing weights
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if not quantization:
         model.to(device)

@@ -22,16 +22,34 @@ def test_default_job_runs_under_30_seconds(tmp_path):
     assert result["env"]["command"] == "python -m harness"
 
 
-def test_multirun_runs_every_job_in_its_own_process(tmp_path):
-    proc = cli(["-m", "method=lora,prompt", "seed=0,1", *FAST, "train.max_steps=6", "eval.before=false",
-                f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    found = results_under(tmp_path / "sweep")
-    assert sorted((r["method"], r["seed"]) for r in found) == [
-        ("lora", 0), ("lora", 1), ("prompt", 0), ("prompt", 1)]
-    assert all(r["status"] == "ok" for r in found)
+def test_sweep_runs_each_job_in_its_own_process_and_ends_with_a_report(tmp_path):
+    # One model setting cannot load (a Hub id, offline): those jobs fail, the rest of the sweep
+    # runs, the report shows the failures with their reason, and the exit code says "error".
+    sweep = tmp_path / "sweep"
+    proc = cli(["-m", "method=lora,prompt", "model.name_or_path=null,no-such-org/no-such-model", "seed=0",
+                *FAST, "train.max_steps=6", "eval.before=false", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    found = results_under(sweep)
+    assert sorted((r["method"], r["status"]) for r in found) == [
+        ("lora", "error"), ("lora", "ok"), ("prompt", "error"), ("prompt", "ok")]
     # Each job ran in a fresh process of its own, so each peak memory is its own.
     assert len({r["env"]["pid"] for r in found}) == 4
+    assert all(r["metrics"]["wall_total_s"] > 0 for r in found)
+    ok = [r for r in found if r["status"] == "ok"]
+    for r in ok:
+        m = r["metrics"]
+        assert m["wall_setup_s"] > 0 and m["wall_train_s"] > 0 and m["wall_eval_s"] > 0
+        assert m["wall_setup_s"] + m["wall_train_s"] + m["wall_eval_s"] <= m["wall_total_s"] + 1e-6
+
+    report = sweep / "report"
+    import pandas as pd
+
+    table = pd.read_csv(report / "results.csv")
+    assert len(table) == 4 and set(table["status"]) == {"ok", "error"}
+    html = (report / "index.html").read_text()
+    assert "no-such-org/no-such-model" in html  # the failed jobs' reason
+    for name in ("lora", "prompt", "tiny-1m"):
+        assert name in html
 
 
 def test_help_lists_groups_and_options(tmp_path):
@@ -94,3 +112,16 @@ def test_failing_job_writes_an_error_result_and_exits_1(tmp_path):
     results.validate(result)
     assert result["status"] == "error" and "no-such-org/no-such-model" in result["error"]
     assert result["metrics"]["score"] is None
+
+
+def test_named_sweep_with_command_line_overrides(tmp_path):
+    """sweep=ci picks the grid; comma lists and keys on the command line override it."""
+    proc = cli(["-m", "sweep=ci", "method=lora", "model=tiny-1m", "seed=3", *FAST, "train.max_steps=4"],
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (sweep_dir,) = (tmp_path / "outputs" / "sweeps").iterdir()
+    assert sweep_dir.name.startswith("ci_")
+    (result,) = results_under(sweep_dir)
+    assert (result["model"], result["method"], result["seed"]) == ("tiny-1m", "lora", 3)
+    assert result["config"]["sweep_name"] == "ci" and result["config"]["train"]["max_steps"] == 4
+    assert (tmp_path / "reports" / "ci" / "index.html").is_file()  # a named sweep's report
