@@ -12,7 +12,7 @@ from harness.errors import ConfigError
 from harness.train import SCHEDULES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "method", "task")
+GROUPS = ("model", "method", "task", "sweep")
 PRECISIONS = ("bf16", "fp32")
 DTYPES = ("bfloat16", "float16", "float32")
 
