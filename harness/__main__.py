@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import shlex
 import shutil
 import signal
@@ -28,51 +27,61 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from harness.config import check_group_choices, validate
+from harness.config import check_composes, check_group_choices, validate
 from harness.errors import ConfigError
-from harness.results import RESULT_NAME, new_result, now, write_json_atomic
+from harness.launch import launch_job
+from harness.results import RESULT_NAME, config_hash, reusable
 
 log = logging.getLogger("harness")
-failed_jobs: list[str] = []  # jobs of this multirun that ended in status "error"
+failed_jobs: list[str] = []  # jobs of this multirun that ended in "error" or "cancelled"
 
-# Imported once by the forkserver; every job process is forked from it with these loaded.
-PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "bitsandbytes",
-           "datasets", "evaluate", "harness.job"]
+def prepare_folder(out_dir: Path, wanted_hash: str, force: bool) -> bool:
+    """Resume: True if the job's folder already holds its result. Otherwise clear leftovers
+    of a killed write and keep a result of another configuration aside (never lost)."""
+    path = out_dir / RESULT_NAME
+    keep, reason = reusable(path, wanted_hash)
+    if keep and not force:
+        log.info("skipped %s: %s", out_dir.name, reason)
+        return True
+    for tmp in out_dir.glob(f".{RESULT_NAME}.*.tmp"):
+        tmp.unlink()
+    if path.is_file() and "configuration changed" in reason:
+        old_hash = json.loads(path.read_text()).get("config_hash")
+        path.rename(out_dir / f"result.{old_hash}.json")
+        log.info("kept the earlier result as result.%s.json", old_hash)
+    log.info("running %s: %s", out_dir.name, "force=true" if keep else reason)
+    return False
 
 
-def run_job_process(payload: dict, out_dir: Path) -> int:
-    """Run one job in a fresh process forked from the preloaded forkserver; its exit code."""
-    from harness.job import run_child
+def cancel_on_sigterm() -> None:
+    """Treat SIGTERM (schedulers, `kill`) like Ctrl-C, so running jobs end as cancelled."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
-    process = context.Process(target=run_child, args=(payload, str(out_dir)), name="harness-job")
-    process.start()
-    process.join()
-    return process.exitcode
+    signal.signal(signal.SIGTERM, handler)
 
 
 def refuse(message: str, out_dir: Path | None = None) -> None:
-    """A user mistake: one line on stderr, exit code 2, and no job folder left behind."""
+    """A user mistake: one line on stderr, exit code 2, and nothing left behind."""
     if out_dir is not None:
-        shutil.rmtree(out_dir, ignore_errors=True)
+        remove_new_job_folder(out_dir)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-def result_for_dead_job(config: dict, returncode: int, command: str, overrides: list[str]) -> dict:
-    """The result of a job process that exited without writing one."""
-    from harness.results import environment
-
-    if returncode == -signal.SIGKILL:
-        status, error = "oom", "job process killed by SIGKILL (on Linux, usually the kernel's OOM killer)"
-    elif returncode < 0:
-        status, error = "error", f"job process killed by signal {signal.Signals(-returncode).name}"
-    else:
-        status, error = "error", f"job process exited with code {returncode} without writing a result"
-    result = new_result(config, status, error)
-    result["env"] = {**environment(None, command, overrides, {}), "end_time": now()}
-    return result
+def remove_new_job_folder(out_dir: Path) -> None:
+    """Remove the folder Hydra made for a job that never ran, and the folders above it that
+    are left empty (or hold only Hydra's multirun.yaml), up to the working directory. A folder
+    holding a result of an earlier run is kept."""
+    if (out_dir / RESULT_NAME).exists():
+        return
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cwd, folder = Path.cwd().resolve(), out_dir.parent
+    while folder != cwd and cwd in folder.parents:
+        if {p.name for p in folder.iterdir()} - {"multirun.yaml"}:
+            break
+        shutil.rmtree(folder)
+        folder = folder.parent
 
 
 def summary(result: dict, path: Path) -> str:
@@ -99,20 +108,18 @@ def run(cfg: DictConfig) -> str:
     except OmegaConfBaseException as e:
         refuse(str(e).splitlines()[0], out_dir)
 
+    path = out_dir / RESULT_NAME
+    if prepare_folder(out_dir, config_hash(config), config["force"]):
+        return str(path)
     command = shlex.join(["python", "-m", "harness", *sys.argv[1:]])
     overrides = list(hydra_cfg.overrides.task)
     payload = {"config": config, "command": command, "overrides": overrides, "launched_at": time.time()}
-    returncode = run_job_process(payload, out_dir)
-    if returncode == 2:  # the job refused its configuration and has said why
-        shutil.rmtree(out_dir, ignore_errors=True)
+    result = launch_job(payload, out_dir)
+    if result is None:  # the job refused its configuration and has said why
+        remove_new_job_folder(out_dir)
         sys.exit(2)
-
-    path = out_dir / RESULT_NAME
-    if not path.is_file():
-        write_json_atomic(path, result_for_dead_job(config, returncode, command, overrides))
-    result = json.loads(path.read_text())
     log.info(summary(result, path))
-    if result["status"] == "error":
+    if result["status"] in ("error", "cancelled"):
         if hydra_cfg.mode != RunMode.MULTIRUN:
             sys.exit(1)
         failed_jobs.append(str(path))  # let the rest of the sweep run; exit non-zero at the end
@@ -122,14 +129,20 @@ def run(cfg: DictConfig) -> str:
 def main() -> None:
     try:
         check_group_choices(sys.argv[1:])
+        check_composes(sys.argv[1:])
     except ConfigError as e:
         refuse(str(e))
+    cancel_on_sigterm()
     try:
         run()
     except ValueError as e:  # Hydra's own command-line checks, e.g. both --multirun and --cfg
         refuse(str(e))
+    except KeyboardInterrupt:
+        print("cancelled: the running job recorded itself as cancelled; rerun the same command "
+              "(same hydra.sweep.dir for a sweep) to resume", file=sys.stderr)
+        sys.exit(130)
     if failed_jobs:
-        log.error("%d job(s) ended in error: %s", len(failed_jobs), ", ".join(failed_jobs))
+        log.error("%d job(s) ended in error or were cancelled: %s", len(failed_jobs), ", ".join(failed_jobs))
         sys.exit(1)
 
 

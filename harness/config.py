@@ -3,8 +3,10 @@ whose message names the bad key, its value and what is allowed."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import tempfile
 from numbers import Real
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from harness.train import SCHEDULES
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "task", "sweep")
 PRECISIONS = ("bf16", "fp32")
+TASK_KEYS = ("name", "builder", "scoring", "metric", "max_new_tokens")  # every task config has these
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -42,6 +45,59 @@ def check_group_choices(argv: list[str]) -> None:
         for value in values:
             if value not in allowed:
                 raise ConfigError(f"unknown {o.key_or_group} {value!r} (allowed: {', '.join(allowed)})")
+
+
+def check_composes(argv: list[str]) -> None:
+    """Compose the config as Hydra will (the first value of each sweep), so that unknown keys
+    and malformed overrides get one line; and check the output folder can be written."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_dir or args.config_path:
+        return
+    try:
+        overrides = []
+        for o in OverridesParser.create().parse_overrides(args.overrides):
+            if o.is_sweep_override():
+                value = next(iter(o.sweep_string_iterator()))
+                overrides.append(f"{o.get_key_element()}={value}")
+            else:
+                overrides.append(o.input_line)
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(args.config_name or "config", overrides=overrides, return_hydra_config=True)
+    except Exception as e:  # Hydra's and OmegaConf's composition errors
+        lines = [line.strip() for line in str(e).splitlines() if line.strip() and "hydra.cc" not in line]
+        raise ConfigError("; ".join(lines[:2]) or type(e).__name__)
+    key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+    check_writable(Path(cfg.hydra.sweep.dir if args.multirun else cfg.hydra.run.dir), f"{key}=...")
+
+
+def check_writable(folder: Path, how_to_change: str) -> None:
+    """Raise ConfigError unless `folder` exists as a writable folder or can be created."""
+    folder = Path(folder).resolve()
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    try:  # root passes every permission check, so try for real
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".harness-write-check-"))
+    except OSError:
+        raise ConfigError(f"output folder {folder} cannot be created ({existing} is not a writable folder); "
+                          f"choose another with {how_to_change}")
+
+
+def check_model_folder(key: str, folder: Path) -> None:
+    """A local model folder must have a readable config.json and safetensors weights."""
+    config = folder / "config.json"
+    try:
+        parsed = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}={str(folder)!r}: config.json cannot be read as JSON ({type(e).__name__}); "
+                          "a model folder needs the config.json its model was saved with")
+    if not isinstance(parsed, dict) or "model_type" not in parsed:
+        raise ConfigError(f"{key}={str(folder)!r}: config.json has no model_type; it is not a transformers model config")
+    if not any(folder.glob("*.safetensors")):
+        raise ConfigError(f"{key}={str(folder)!r}: no *.safetensors weights (the harness loads safetensors "
+                          "only, never pickled .bin files); convert them or point at a folder that has them")
 
 
 def _get(cfg: dict, dotted: str):
@@ -93,13 +149,18 @@ def validate(cfg: dict) -> None:
     _positive_int(cfg, "eval.batch_size")
 
     name_or_path = _get(cfg, "model.name_or_path")
-    if name_or_path and is_local_path(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
-        raise ConfigError(
-            f"model.name_or_path={name_or_path!r}: no such model folder (a folder with config.json, "
-            "or a Hugging Face id like 'org/name')"
-        )
+    if name_or_path and is_local_path(name_or_path):
+        folder = Path(name_or_path).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(
+                f"model.name_or_path={name_or_path!r}: no such model folder (a folder with config.json, "
+                "or a Hugging Face id like 'org/name')"
+            )
+        check_model_folder("model.name_or_path", folder)
     if not name_or_path:
         _get(cfg, "model.tiny")
+    if not isinstance(cfg["model"].get("trust_remote_code", False), bool):
+        raise ConfigError(f"model.trust_remote_code={cfg['model']['trust_remote_code']!r}: must be true or false")
 
     _choice(cfg, "method.base_dtype", DTYPES)
     peft = _get(cfg, "method.peft")
@@ -115,6 +176,8 @@ def validate(cfg: dict) -> None:
             if not isinstance(dropout, Real) or not 0 <= dropout < 1:
                 raise ConfigError(f"method.peft.lora_dropout={dropout!r}: must be in [0, 1)")
 
+    for key in TASK_KEYS:
+        _get(cfg, f"task.{key}")
     for key in ("n_train", "n_validation", "n_test", "max_new_tokens"):
         if key in cfg["task"]:
             _positive_int(cfg, f"task.{key}")

@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -139,13 +140,15 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
 
     source = resolve_model_source(model_cfg)
     try:
-        model_config = AutoConfig.from_pretrained(source, revision=model_cfg["revision"])
+        model_config = AutoConfig.from_pretrained(source, revision=model_cfg["revision"],
+                                                  trust_remote_code=model_cfg.get("trust_remote_code", False))
     except OSError as e:
         raise OSError(f"cannot load model {source!r}: {e}") from e
     check_method_applies(method, model_config, tcfg["seq_len"])
-    tokenizer = load_tokenizer(source, model_cfg["revision"])
+    tokenizer = load_tokenizer(source, model_cfg["revision"], model_cfg.get("trust_remote_code", False))
     model = load_model(source, model_cfg["revision"], dtype=getattr(torch, method["base_dtype"]),
-                       quantization=method.get("quantization"), device=device)
+                       quantization=method.get("quantization"), device=device,
+                       trust_remote_code=model_cfg.get("trust_remote_code", False))
     model = apply_method(model, method, max_steps=tcfg["max_steps"],
                          gradient_checkpointing=tcfg["gradient_checkpointing"])
     metrics.update(measure.count_params(model))
@@ -228,6 +231,10 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
         result["status"] = "ok"
     except ConfigError:
         raise
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (see run_child): record, then stop
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # let the result be written
+        result.update(status="cancelled", error=f"cancelled by {e.args[0] if e.args else 'SIGINT'}")
     except Diverged as e:
         result.update(status="diverged", error=str(e))
         metrics.update(diverged_step=e.step, train_losses=e.losses)
@@ -253,8 +260,24 @@ def setup_logging(out_dir: Path) -> None:
     warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
 
 
+def die_with_parent() -> None:
+    """On Linux, have the kernel kill this process when its parent dies (a killed sweep must
+    not leave a job running on, writing into a folder a rerun is using)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_child(payload: dict, out_dir: str) -> None:
-    """Body of a job process: run the job, exit 0 (ok/oom/diverged), 1 (error) or 2 (bad config)."""
+    """Body of a job process: run the job, exit 0 (ok/oom/diverged), 1 (error or cancelled)
+    or 2 (bad config)."""
+    die_with_parent()
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # SIGTERM cancels like Ctrl-C
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(out_dir)
@@ -264,7 +287,7 @@ def run_child(payload: dict, out_dir: str) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    sys.exit(1 if result["status"] == "error" else 0)
+    sys.exit(1 if result["status"] in ("error", "cancelled") else 0)
 
 
 def main() -> None:

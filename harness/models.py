@@ -150,11 +150,11 @@ def train_tokenizer(vocab_size: int, seed: int):
 # --------------------------------------------------------------------------- loading
 
 
-def load_tokenizer(source: str, revision: str | None):
+def load_tokenizer(source: str, revision: str | None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise OSError(f"cannot load the tokenizer of {source!r}: {e}") from e
     if tokenizer.pad_token is None:  # Llama and others ship without one
@@ -162,12 +162,18 @@ def load_tokenizer(source: str, revision: str | None):
     return tokenizer
 
 
-def load_model(source: str, revision: str | None, *, dtype, quantization: dict | None, device):
-    """Load a causal LM from a folder or Hub id, quantized through BitsAndBytesConfig if asked."""
+def load_model(source: str, revision: str | None, *, dtype, quantization: dict | None, device,
+               trust_remote_code: bool = False):
+    """Load a causal LM from a folder or Hub id, quantized through BitsAndBytesConfig if asked.
+
+    Safe loading: weights from safetensors only (nothing is unpickled), and no code from the
+    model's repository runs unless the model config sets trust_remote_code: true.
+    """
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs = {"revision": revision, "dtype": dtype, "attn_implementation": "sdpa"}
+    kwargs = {"revision": revision, "dtype": dtype, "attn_implementation": "sdpa", "use_safetensors": True,
+              "trust_remote_code": trust_remote_code}
     if quantization:
         qcfg = dict(quantization)
         if "bnb_4bit_compute_dtype" in qcfg:

@@ -16,10 +16,17 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: config_hash, status "cancelled"
 SCHEMA_PATH = Path(__file__).with_name("result_schema.json")
 RESULT_NAME = "result.json"
-STATUSES = ("ok", "oom", "diverged", "error")
+STATUSES = ("ok", "oom", "diverged", "error", "cancelled")
+FINAL_STATUSES = ("ok", "oom", "diverged")  # results a resumed sweep keeps; error/cancelled rerun
+# Keys that cannot change a job's outcome, left out of its configuration hash.
+UNHASHED_KEYS = ("report", "sweep_name", "force")
+UNHASHED_TRAIN_KEYS = ("log_every",)
+# Packages whose version can change a job's numbers.
+HASHED_PACKAGES = ("harness", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets",
+                   "evaluate", "tokenizers", "numpy")
 METRIC_KEYS = (
     "peak_memory_mb", "memory_source", "tokens_per_s", "step_time_ms", "train_loss_first",
     "train_loss_last", "score_before", "score", "trainable_params", "total_params", "weight_bytes",
@@ -32,10 +39,39 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def config_hash(config: dict) -> str:
+    """Hash of everything that changes a job's outcome: the resolved config (less report and
+    logging keys), and the versions of the harness and the packages that compute it."""
+    import hashlib
+
+    relevant = {k: v for k, v in config.items() if k not in UNHASHED_KEYS}
+    relevant["train"] = {k: v for k, v in config["train"].items() if k not in UNHASHED_TRAIN_KEYS}
+    versions = {name: version for name, version in package_versions().items() if name in HASHED_PACKAGES}
+    text = json.dumps({"config": relevant, "versions": versions}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def reusable(path: Path, wanted_hash: str) -> tuple[bool, str]:
+    """Whether the result at `path` can stand for a job whose config hash is `wanted_hash`,
+    and why (for the log)."""
+    if not Path(path).is_file():
+        return False, "no result yet"
+    try:
+        result = read_result(path)
+    except Exception as e:  # truncated, foreign or older schema: run again
+        return False, f"result unreadable ({type(e).__name__})"
+    if result.get("config_hash") != wanted_hash:
+        return False, f"configuration changed (hash {result.get('config_hash')} -> {wanted_hash})"
+    if result["status"] not in FINAL_STATUSES:
+        return False, f"last run ended {result['status']}"
+    return True, f"complete ({result['status']}), same configuration hash {wanted_hash}"
+
+
 def new_result(config: dict, status: str = "error", error: str | None = None) -> dict:
     """A result skeleton for `config`: every required metric present, unknown ones null."""
     return {
         "schema_version": SCHEMA_VERSION,
+        "config_hash": config_hash(config),
         "status": status,
         "error": error,
         "model": config["model"]["name"],

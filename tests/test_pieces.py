@@ -1,9 +1,7 @@
 """Unit tests of the pieces a job is made of: task data, batching, metric, measurement, results."""
 
 import json
-import os
 import signal
-import statistics
 
 import pytest
 
@@ -142,7 +140,7 @@ def test_atomic_write_leaves_a_whole_file_or_the_old_one(tmp_path):
 
 @pytest.mark.parametrize("returncode,status", [(-signal.SIGKILL, "oom"), (-signal.SIGSEGV, "error"), (3, "error")])
 def test_a_dead_job_still_gets_a_valid_result(returncode, status):
-    from harness.__main__ import result_for_dead_job
+    from harness.launch import result_for_dead_job
     from harness.results import validate
 
     result = result_for_dead_job(compose(), returncode, "python -m harness", [])

@@ -144,7 +144,7 @@ def fake_result(model: str, method: str, seed: int, status: str = "ok", score: f
         "wall_setup_s": 1.5, "wall_train_s": 10.0 if ok else None, "wall_eval_s": 2.0 if ok else None,
     }
     result = {
-        "schema_version": 1, "status": status,
+        "schema_version": 2, "config_hash": f"{abs(hash((model, method, seed))):016x}"[:16], "status": status,
         "error": None if ok else ("CUDA out of memory" if status == "oom"
                                   else "RuntimeError: <boom> & bust"),
         "model": model, "method": method, "task": "arithmetic", "seed": seed,
@@ -187,9 +187,9 @@ def sweep(tmp_path) -> Path:
     other.mkdir(parents=True)
     (other / "result.json").write_text(json.dumps(fake_result("small", "prompt", 0, "error")))
     (root / "running").mkdir()
-    (root / "running" / ".result.json.x1y2.tmp").write_text('{"schema_version": 1, "sta')
+    (root / "running" / ".result.json.x1y2.tmp").write_text('{"schema_version": 2, "sta')
     (root / "torn").mkdir()
-    (root / "torn" / "result.json").write_text('{"schema_version": 1, "sta')
+    (root / "torn" / "result.json").write_text('{"schema_version": 2, "sta')
     return root
 
 

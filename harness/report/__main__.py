@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from harness.config import check_writable
+from harness.errors import ConfigError
 from harness.report.aggregate import collect, result_files
 from harness.report.render import default_title, render_report, sweep_name
 
@@ -27,8 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     df = collect(args.sweep_dirs)
     if df.empty:
         return _error(f"no readable result.json under {', '.join(map(str, args.sweep_dirs))}")
-    name = sweep_name(df) or args.sweep_dirs[0].resolve().name
-    index = render_report(df, args.out or Path("reports") / name, default_title(df, args.sweep_dirs))
+    out = args.out or Path("reports") / (sweep_name(df) or args.sweep_dirs[0].resolve().name)
+    try:
+        check_writable(out, "--out DIR")
+    except ConfigError as e:
+        return _error(str(e))
+    index = render_report(df, out, default_title(df, args.sweep_dirs))
     print(index)
     return 0
 

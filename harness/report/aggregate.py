@@ -21,6 +21,9 @@ EXPECTED = KEYS + [
 LISTS = ["metrics.train_losses", "metrics.score_samples"]  # kept in the frame, not in the CSV
 
 
+READABLE_SCHEMA_VERSIONS = (1, 2)  # 2 added config_hash and status "cancelled"
+
+
 def result_files(folder: Path) -> list[Path]:
     """Every `result.json` under `folder` (temporary `.result.json.*.tmp` files do not match)."""
     return sorted(p for p in Path(folder).rglob("result.json") if p.is_file())
@@ -34,6 +37,10 @@ def _read(path: Path) -> dict | None:
         return None
     if not isinstance(data, dict) or not {"model", "method", "status"} <= data.keys():
         log.warning("skipping %s: not a result file", path)
+        return None
+    if data.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+        log.warning("skipping %s: schema_version %r (this harness reads %s)", path,
+                    data.get("schema_version"), ", ".join(map(str, READABLE_SCHEMA_VERSIONS)))
         return None
     return data
 

@@ -1,0 +1,69 @@
+"""Starting job processes: each job runs in a fresh process of its own.
+
+Job processes are forked from a multiprocessing "forkserver" that has imported torch,
+transformers, PEFT and the rest once, so a sweep does not pay seconds of imports per job; the
+server itself never touches a model or a GPU. If a job process dies without writing its
+result (killed, crashed), the launcher writes one for it.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+
+from harness.results import RESULT_NAME, new_result, now, write_json_atomic
+
+# Imported once by the forkserver; every job process is forked from it with these loaded.
+PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "bitsandbytes",
+           "datasets", "evaluate", "harness.job"]
+
+
+def run_job_process(payload: dict, out_dir: Path) -> int:
+    """Run one job in a fresh process forked from the preloaded forkserver; its exit code."""
+    from harness.job import run_child
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    process = context.Process(target=run_child, args=(payload, str(out_dir)), name="harness-job")
+    process.start()
+    try:
+        process.join()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the job records itself as cancelled first
+        process.join(timeout=5)  # a signal to the process group reached the job too
+        if process.is_alive():  # only this process was signalled: pass it on
+            os.kill(process.pid, signal.SIGTERM)
+            process.join()
+        raise
+    return process.exitcode
+
+
+def result_for_dead_job(config: dict, returncode: int, command: str, overrides: list[str]) -> dict:
+    """The result of a job process that exited without writing one."""
+    from harness.results import environment
+
+    if returncode == -signal.SIGKILL:
+        status, error = "oom", "job process killed by SIGKILL (on Linux, usually the kernel's OOM killer)"
+    elif returncode < 0:
+        status, error = "error", f"job process killed by signal {signal.Signals(-returncode).name}"
+    else:
+        status, error = "error", f"job process exited with code {returncode} without writing a result"
+    result = new_result(config, status, error)
+    result["env"] = {**environment(None, command, overrides, {}), "end_time": now()}
+    return result
+
+
+
+def launch_job(payload: dict, out_dir: Path) -> dict | None:
+    """Run the job of `payload` into `out_dir` and return its result; None if the job refused
+    its configuration (it has printed why)."""
+    returncode = run_job_process(payload, out_dir)
+    if returncode == 2:
+        return None
+    path = Path(out_dir) / RESULT_NAME
+    if not path.is_file():
+        write_json_atomic(path, result_for_dead_job(payload["config"], returncode, payload.get("command", ""),
+                                                    payload.get("overrides", [])))
+    return json.loads(path.read_text())

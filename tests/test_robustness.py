@@ -1,0 +1,210 @@
+"""A sweep survives kills, reruns and bad input; results reproduce."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, REPO, cli, results_under
+
+
+def start(args, cwd: Path) -> subprocess.Popen:
+    """`python -m harness ARGS` in its own process group, as a terminal or scheduler runs it."""
+    return subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(predicate, timeout=120.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+SWEEP = ["-m", "method=lora,prompt,full,prefix", *FAST, "train.max_steps=25", "eval.before=false",
+         "report.enabled=false"]
+
+
+def test_sweep_killed_during_its_third_job_resumes_without_rerunning_finished_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [*SWEEP, f"hydra.sweep.dir={sweep}"]
+    proc = start(args, tmp_path)
+    wait_for(lambda: any(sweep.glob("2_*/job.log")))  # the third job has started
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep, its job server and its job, all at once
+    proc.wait()
+    first = {p.parent.name: json.loads(p.read_text()) for p in sweep.rglob("result.json")}
+    assert set(first) == {"0_tiny-1m_lora_arithmetic_s0", "1_tiny-1m_prompt_arithmetic_s0"}
+
+    rerun = cli(args, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    output = rerun.stdout + rerun.stderr
+    after = {p.parent.name: json.loads(p.read_text()) for p in sweep.rglob("result.json")}
+    assert len(after) == 4 and all(r["status"] == "ok" for r in after.values())
+    for name, result in first.items():  # not rerun: the very same results
+        assert after[name]["env"]["start_time"] == result["env"]["start_time"]
+        assert after[name]["env"]["pid"] == result["env"]["pid"]
+        assert f"skipped {name}: complete (ok)" in output
+    assert "running 2_tiny-1m_full_arithmetic_s0" in output
+    assert not list(sweep.rglob("*.tmp"))
+    assert len(list(sweep.rglob("result*.json"))) == 4  # no duplicates
+
+
+def test_changing_a_training_key_reruns_the_affected_jobs_only(tmp_path):
+    sweep = tmp_path / "sweep"
+    common = ["-m", "method=lora", *FAST, "eval.before=false", "report.enabled=false", f"hydra.sweep.dir={sweep}"]
+    assert cli([*common, "train.max_steps=4,5"], cwd=tmp_path).returncode == 0
+    before = {r["config"]["train"]["max_steps"]: r for r in results_under(sweep)}
+    proc = cli([*common, "train.max_steps=4,6"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    after = {r["config"]["train"]["max_steps"]: r for r in results_under(sweep)}
+    assert set(after) == {4, 6}
+    assert after[4]["env"]["start_time"] == before[4]["env"]["start_time"]  # same config: kept
+    assert after[6]["config_hash"] != before[5]["config_hash"]
+    # The result of the old configuration is kept aside, never lost.
+    (kept,) = sweep.glob(f"1_*/result.{before[5]['config_hash']}.json")
+    assert json.loads(kept.read_text())["config"]["train"]["max_steps"] == 5
+    # force=true reruns even a complete job.
+    forced = cli([*common, "train.max_steps=4", "force=true"], cwd=tmp_path)
+    assert forced.returncode == 0
+    again = {r["config"]["train"]["max_steps"]: r for r in results_under(sweep)}
+    assert again[4]["env"]["start_time"] >= before[4]["env"]["start_time"]
+    assert again[4]["env"]["pid"] != before[4]["env"]["pid"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_job_records_itself_as_cancelled(tmp_path, sig):
+    proc = start(["train.max_steps=5000", "train.log_every=1", "hydra.run.dir=run"], tmp_path)
+    log = tmp_path / "run" / "job.log"
+    wait_for(lambda: log.is_file() and "step 2/" in log.read_text())
+    os.killpg(proc.pid, sig)  # as Ctrl-C (SIGINT to the group) or a scheduler (SIGTERM) does
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == "cancelled"
+    assert result["error"] == f"cancelled by {sig.name}"
+    from harness.results import validate
+
+    validate(result)
+
+
+def test_absurd_learning_rate_diverges_and_the_sweep_goes_on(tmp_path):
+    proc = cli(["-m", "method=full,lora", "train.lr=1e30", "train.warmup_steps=0", *FAST, "train.max_steps=10",
+                "report.enabled=false", f"hydra.sweep.dir={tmp_path}/s"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    found = results_under(tmp_path / "s")
+    assert [r["status"] for r in found] == ["diverged", "diverged"]
+    assert all(r["metrics"]["diverged_step"] < 10 for r in found)
+
+
+def test_repro_passes_on_a_fresh_result_and_fails_on_an_altered_one(tmp_path):
+    job = tmp_path / "job"
+    job.mkdir()
+    golden = json.loads((REPO / "tests" / "golden" / "lora" / "result.json").read_text())
+    (job / "result.json").write_text(json.dumps(golden))
+    ok = subprocess.run([sys.executable, "-m", "harness.repro", str(job)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "all within tolerance" in ok.stdout
+    assert "train_losses" in ok.stdout and "identical" in ok.stdout
+
+    golden["metrics"]["train_losses"][3] += 1e-6  # one recorded loss, altered a little
+    (job / "result.json").write_text(json.dumps(golden))
+    bad = subprocess.run([sys.executable, "-m", "harness.repro", str(job / "result.json")], capture_output=True,
+                         text=True)
+    assert bad.returncode == 1
+    header = bad.stdout.splitlines()[0].split()
+    assert header == ["job", "metric", "recorded", "rerun", "tolerance", "verdict"]
+    (line,) = [row for row in bad.stdout.splitlines() if "MISMATCH" in row]
+    assert "train_losses" in line
+    assert "1 mismatch(es)" in bad.stdout
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def broken_model_folder(tmp: Path, weights: bool = True, config: str = '{"model_type": "llama"}') -> Path:
+    folder = tmp / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(config)
+    (folder / ("model.safetensors" if weights else "pytorch_model.bin")).write_bytes(b"\0" * 16)
+    return folder
+
+
+def result_folder(tmp: Path, text: str) -> Path:
+    folder = tmp / "sweep" / "0_job"
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(text)
+    return tmp / "sweep"
+
+
+def foreign_result(tmp: Path) -> Path:
+    golden = json.loads((REPO / "tests" / "golden" / "lora" / "result.json").read_text())
+    golden["schema_version"] = 99
+    return result_folder(tmp, json.dumps(golden))
+
+
+H, R, P = "harness", "harness.report", "harness.repro"
+BAD_INPUT = [
+    # entry point, arguments (a function of the test's tmp folder), what the error line says
+    (H, lambda t: ["model=tiny-9000"], "unknown model 'tiny-9000' (allowed: path, tiny-13m, tiny-1m, tiny-5m)"),
+    (H, lambda t: ["-m", "method=lora,qlora4"],
+     "unknown method 'qlora4' (allowed: adalora, full, lora, lora8, prefix, prompt, qlora)"),
+    (H, lambda t: ["task=gsm9k"], "unknown task 'gsm9k' (allowed: arithmetic)"),
+    (H, lambda t: ["-m", "sweep=nightly"], "unknown sweep 'nightly' (allowed: ci, qlora-vs-all)"),
+    (H, lambda t: ["method=lora", "method.peft.r=0"], "method.peft.r=0: must be a positive integer"),
+    (H, lambda t: ["train.max_steps=0"], "train.max_steps=0: must be a positive integer"),
+    (H, lambda t: ["train.batch_size=-4"], "train.batch_size=-4: must be a positive integer"),
+    (H, lambda t: ["train.max_steps=abc"], "train.max_steps='abc': must be a positive integer"),
+    (H, lambda t: ["train.lr=abc"], "train.lr='abc': must be a positive number"),
+    (H, lambda t: ["train.schedule=step"], "train.schedule='step': allowed values are cosine, linear, constant"),
+    (H, lambda t: ["train.foo=1"], "Could not override 'train.foo'.; To append to your config use +train.foo=1"),
+    (H, lambda t: ["train.lr=[1,2"], "no viable alternative at input '[1,2'"),
+    (H, lambda t: ["~task.metric"], "task.metric is missing from the configuration"),
+    (H, lambda t: ["device=tpu"], "device='tpu': allowed values are auto, cpu, cuda, cuda:N"),
+    (H, lambda t: ["model=path"], "model.name_or_path must be set: add model.name_or_path=... to the command line"),
+    (H, lambda t: ["model=path", "model.name_or_path=/no/such/model"],
+     "model.name_or_path='/no/such/model': no such model folder"),
+    (H, lambda t: ["model=path", f"model.name_or_path={broken_model_folder(t, config='{oops')}"],
+     "config.json cannot be read as JSON"),
+    (H, lambda t: ["model=path", f"model.name_or_path={broken_model_folder(t, weights=False)}"],
+     "no *.safetensors weights (the harness loads safetensors only"),
+    (H, lambda t: ["model.trust_remote_code=maybe"], "model.trust_remote_code='maybe': must be true or false"),
+    (H, lambda t: ["hydra.run.dir=/proc/harness-out"], "output folder /proc/harness-out cannot be created"),
+    (H, lambda t: ["-m", "hydra.sweep.dir=/proc/harness-sweep", "seed=0,1"],
+     "output folder /proc/harness-sweep cannot be created"),
+    (R, lambda t: [str(t / "nowhere")], "no such folder"),
+    (R, lambda t: [str(t)], "no result.json under"),
+    (R, lambda t: [str(result_folder(t, '{"schema_version": 2, "sta'))], "no readable result.json under"),
+    (R, lambda t: [str(foreign_result(t))], "no readable result.json under"),
+    (R, lambda t: [str(REPO / "tests" / "golden"), "--out", "/proc/harness-report"],
+     "output folder /proc/harness-report cannot be created"),
+    (P, lambda t: [str(t / "nowhere")], "does not exist"),
+    (P, lambda t: [str(t)], "no result.json under"),
+    (P, lambda t: [str(result_folder(t, "not json"))], "is not a valid result (JSONDecodeError"),
+    (P, lambda t: [str(foreign_result(t))], "is not a valid result (ValidationError: 2 was expected)"),
+    (P, lambda t: [str(REPO / "tests" / "golden"), "--jobs", "0"], "--jobs 0: must be a positive integer"),
+]
+
+
+@pytest.mark.parametrize("entry,make_args,message", BAD_INPUT,
+                         ids=[f"{e}:{m[:40]}" for e, _, m in BAD_INPUT])
+def test_bad_input_gets_one_clear_line(tmp_path, entry, make_args, message):
+    work = tmp_path / "work"
+    work.mkdir()
+    before = sorted(p for p in tmp_path.rglob("*"))
+    args = make_args(tmp_path)
+    made = sorted(p for p in tmp_path.rglob("*"))  # what the case itself set up
+    proc = subprocess.run([sys.executable, "-m", entry, *args], cwd=work, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert sorted(p for p in tmp_path.rglob("*")) == made  # nothing written, not even a folder
+    assert before is not None
