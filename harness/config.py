@@ -147,6 +147,8 @@ def validate(cfg: dict) -> None:
     _positive_int(cfg, "measure.warmup_steps", minimum=0)
     _number(cfg, "measure.sample_interval_s", positive=True)
     _positive_int(cfg, "eval.batch_size")
+    if cfg.get("memory_limit_mb") is not None:
+        _number(cfg, "memory_limit_mb", positive=True)
 
     name_or_path = _get(cfg, "model.name_or_path")
     if name_or_path and is_local_path(name_or_path):

@@ -225,7 +225,7 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
     result = new_result(config)
     result["env"] = environment(device, command, list(overrides), determinism)
     metrics = result["metrics"]
-    sampler = MemorySampler(device, config["measure"]["sample_interval_s"]).start()
+    sampler = MemorySampler(device, config["measure"]["sample_interval_s"], config.get("memory_limit_mb")).start()
     try:
         train_and_score(config, device, metrics, sampler, started)
         result["status"] = "ok"

@@ -12,11 +12,16 @@ All values are MiB (2**20 bytes).
 from __future__ import annotations
 
 import resource
+import signal
 import sys
 import threading
 import time
 
 MIB = 2**20
+
+
+class MemoryLimitExceeded(MemoryError):
+    """The job went over its `memory_limit_mb`: an out-of-memory result, like a CUDA OOM."""
 
 
 def _max_rss_bytes() -> int:
@@ -25,9 +30,14 @@ def _max_rss_bytes() -> int:
 
 
 class MemorySampler:
-    """Start before the model loads; `stop()` returns the peaks over the measured span."""
+    """Start before the model loads; `stop()` returns the peaks over the measured span.
 
-    def __init__(self, device, interval_s: float = 0.01):
+    With `limit_mb`, the job is held to that much memory above the baseline: on CUDA the
+    caching allocator is capped (a real CUDA OOM), and on every device the sampler raises
+    MemoryLimitExceeded in the main thread as soon as it reads more than the limit.
+    """
+
+    def __init__(self, device, interval_s: float = 0.01, limit_mb: float | None = None):
         import psutil
         import torch
 
@@ -49,6 +59,20 @@ class MemorySampler:
         self.peak_sampled = self.base_sampled
         self.samples = 0
         self.peaks: dict | None = None  # set by the first stop()
+        self.limit_mb = limit_mb
+        self.exceeded_mb: float | None = None
+        if limit_mb and self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, (self.base_reserved + limit_mb * MIB) / total),
+                                                       self.device)
+
+    def usage_mb(self) -> float:
+        """Memory the job holds now above the baseline (torch reserved on CUDA, RSS on CPU)."""
+        if self.device.type == "cuda":
+            import torch
+
+            return (torch.cuda.memory_reserved(self.device) - self.base_reserved) / MIB
+        return (self._read() - self.base_sampled) / MIB
 
     def _read(self) -> int:
         if self.device.type == "cuda":
@@ -63,9 +87,19 @@ class MemorySampler:
         while not self._stop.is_set():
             self.peak_sampled = max(self.peak_sampled, self._read())
             self.samples += 1
+            if self.limit_mb and self.exceeded_mb is None and (used := self.usage_mb()) > self.limit_mb:
+                self.exceeded_mb = used
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
             self._stop.wait(self.interval_s)
 
+    def _raise_exceeded(self, signum, frame) -> None:
+        raise MemoryLimitExceeded(f"memory limit exceeded: {self.exceeded_mb:,.0f} MiB in use, "
+                                  f"over memory_limit_mb={self.limit_mb:g}")
+
     def start(self) -> "MemorySampler":
+        """Start sampling (call from the main thread, which receives MemoryLimitExceeded)."""
+        if self.limit_mb:
+            self._previous_handler = signal.signal(signal.SIGUSR1, self._raise_exceeded)
         self._thread.start()
         return self
 
@@ -78,6 +112,8 @@ class MemorySampler:
     def _stop_and_read(self) -> dict:
         self._stop.set()
         self._thread.join()
+        if self.limit_mb:
+            signal.signal(signal.SIGUSR1, self._previous_handler)
         self.peak_sampled = max(self.peak_sampled, self._read())
         sampled = (self.peak_sampled - self.base_sampled) / MIB
         if self.device.type == "cuda":

@@ -175,6 +175,7 @@ BAD_INPUT = [
     (H, lambda t: ["model=path", f"model.name_or_path={broken_model_folder(t, weights=False)}"],
      "no *.safetensors weights (the harness loads safetensors only"),
     (H, lambda t: ["model.trust_remote_code=maybe"], "model.trust_remote_code='maybe': must be true or false"),
+    (H, lambda t: ["memory_limit_mb=-5"], "memory_limit_mb=-5: must be a positive number"),
     (H, lambda t: ["hydra.run.dir=/proc/harness-out"], "output folder /proc/harness-out cannot be created"),
     (H, lambda t: ["-m", "hydra.sweep.dir=/proc/harness-sweep", "seed=0,1"],
      "output folder /proc/harness-sweep cannot be created"),
@@ -208,3 +209,19 @@ def test_bad_input_gets_one_clear_line(tmp_path, entry, make_args, message):
     assert len(errors) == 1 and message in errors[0], proc.stderr
     assert sorted(p for p in tmp_path.rglob("*")) == made  # nothing written, not even a folder
     assert before is not None
+
+
+def test_a_job_over_its_memory_limit_is_an_oom_result_and_the_sweep_goes_on(tmp_path):
+    sweep = tmp_path / "s"
+    proc = cli(["-m", "memory_limit_mb=40,null", *FAST, "train.max_steps=5", f"hydra.sweep.dir={sweep}"],
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    first, second = results_under(sweep)
+    assert first["status"] == "oom" and "over memory_limit_mb=40" in first["error"]
+    assert first["metrics"]["peak_memory_mb"] > 40  # the memory reached is recorded
+    assert second["status"] == "ok"
+    import pandas as pd
+
+    table = pd.read_csv(sweep / "report" / "results.csv")
+    assert sorted(table["status"]) == ["ok", "oom"]
+    assert "over memory_limit_mb=40" in (sweep / "report" / "index.html").read_text()
