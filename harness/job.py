@@ -114,6 +114,23 @@ def adapter_bytes(model) -> int:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def training_flops(model, model_config, method: dict, examples: list[dict], device, tokens_per_s) -> dict:
+    """FLOPs per token, achieved TFLOP/s and MFU of this training (see harness/flops.py)."""
+    import torch
+
+    from harness import flops
+
+    peft_cfg = method.get("peft") or {}
+    virtual = peft_cfg.get("num_virtual_tokens") or 0
+    frozen, trainable = flops.matmul_weights(model)
+    per_token = flops.training_flops_per_token(
+        model_config, frozen, trainable, seq_len=sum(len(e["input_ids"]) for e in examples) / len(examples),
+        prompt_tokens=virtual if peft_cfg.get("peft_type") == "PROMPT_TUNING" else 0,
+        prefix_tokens=virtual if peft_cfg.get("peft_type") == "PREFIX_TUNING" else 0)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return flops.utilization(per_token, tokens_per_s, name)
+
+
 def train_and_score(config: dict, device, metrics: dict, sampler, started: float) -> None:
     """Everything a job measures, filled into `metrics` as soon as it is known.
 
@@ -185,6 +202,7 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     metrics["wall_train_s"] = time.time() - train_start
     metrics.update(sampler.stop())
     metrics.update(timer.summary())
+    metrics.update(training_flops(model, model_config, method, examples, device, metrics["tokens_per_s"]))
     metrics.update(train_loss_first=losses[0], train_loss_last=losses[-1], train_losses=losses)
     metrics["optimizer"] = method["optimizer"]["name"]
     metrics["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
@@ -238,11 +256,15 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
     except Diverged as e:
         result.update(status="diverged", error=str(e))
         metrics.update(diverged_step=e.step, train_losses=e.losses)
-    except (torch.OutOfMemoryError, MemoryError) as e:
-        result.update(status="oom", error=f"{type(e).__name__}: {e}".strip())
     except Exception as e:
-        log.error("job failed:\n%s", traceback.format_exc())
-        result.update(status="error", error=f"{type(e).__name__}: {e}")
+        if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or sampler.exceeded_mb is not None:
+            # Out of memory; libraries may wrap the error (transformers does while loading).
+            message = (f"memory limit exceeded: {sampler.exceeded_mb:,.0f} MiB in use, over memory_limit_mb="
+                       f"{sampler.limit_mb:g}" if sampler.exceeded_mb is not None else f"{type(e).__name__}: {e}")
+            result.update(status="oom", error=message.strip())
+        else:
+            log.error("job failed:\n%s", traceback.format_exc())
+            result.update(status="error", error=f"{type(e).__name__}: {e}")
     finally:
         metrics.update(sampler.stop())  # a no-op after training; on failure, the peak so far
     metrics["wall_total_s"] = time.time() - started

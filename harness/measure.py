@@ -93,8 +93,7 @@ class MemorySampler:
             self._stop.wait(self.interval_s)
 
     def _raise_exceeded(self, signum, frame) -> None:
-        raise MemoryLimitExceeded(f"memory limit exceeded: {self.exceeded_mb:,.0f} MiB in use, "
-                                  f"over memory_limit_mb={self.limit_mb:g}")
+        raise MemoryLimitExceeded(f"over memory_limit_mb={self.limit_mb:g}")
 
     def start(self) -> "MemorySampler":
         """Start sampling (call from the main thread, which receives MemoryLimitExceeded)."""

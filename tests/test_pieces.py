@@ -261,3 +261,52 @@ def test_logged_task_loss_is_the_models_causal_lm_loss(model_cache):
     labels = torch.tensor([[-100, -100, -100, 14, 20, 2], [-100, -100, 7, 30, 2, -100]])
     out = model(input_ids=ids, labels=labels)
     assert task_loss(out.logits, labels).item() == pytest.approx(out.loss.item(), rel=1e-5)
+
+
+def test_training_flops_per_token_by_method(model_cache):
+    """6N + 12Lhs for full fine-tuning; frozen weights cost 4 FLOPs, adapters 6; virtual tokens."""
+    import torch
+    from transformers import AutoConfig
+
+    from harness import flops
+    from harness.methods import apply_method
+    from harness.models import load_model, resolve_model_source
+
+    cfg = compose()
+    source = resolve_model_source(cfg["model"])
+    config = AutoConfig.from_pretrained(source)
+    L, h, V = 4, 128, config.vocab_size
+    linear = L * (128 * 128 * 2 + 128 * 64 * 2 + 3 * 128 * 384) + h * V  # decoder + lm_head
+    s = 10.0
+    per_method = {}
+    for method in ("full", "lora", "prompt", "prefix"):
+        m = compose([f"method={method}"])["method"]
+        model = load_model(source, None, dtype=torch.float32, quantization=None, device=torch.device("cpu"))
+        model = apply_method(model, m, max_steps=10, gradient_checkpointing=False)
+        frozen, trainable = flops.matmul_weights(model)
+        v = (m["peft"] or {}).get("num_virtual_tokens", 0)
+        per_method[method] = flops.training_flops_per_token(
+            config, frozen, trainable, s, prompt_tokens=v if method == "prompt" else 0,
+            prefix_tokens=v if method == "prefix" else 0)
+        if method == "full":
+            assert (frozen, trainable) == (0, linear)
+        if method == "lora":  # r=16 on every decoder linear: 16 * (in + out) each
+            assert (frozen, trainable) == (linear, L * 16 * (256 + 192 + 192 + 256 + 512 + 512 + 512))
+    attention = 12 * L * h * s
+    assert per_method["full"] == 6 * linear + attention
+    assert per_method["lora"] == 4 * linear + 6 * 155648 + attention
+    assert per_method["prompt"] == pytest.approx((4 * linear + 12 * L * h * (s + 20)) * (s + 20) / s)
+    assert per_method["prefix"] == pytest.approx(4 * linear + 12 * L * h * (s + 20))
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),
+                                       ("NVIDIA H200", 989.4), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                       ("NVIDIA L40S", 362.1), ("NVIDIA GeForce RTX 4090", 165.2),
+                                       ("Intel(R) Xeon(R) Processor", None), (None, None)])
+def test_mfu_only_for_known_devices(name, peak):
+    from harness.flops import utilization
+
+    u = utilization(1e9, 1000.0, name)
+    assert u["peak_bf16_tflops"] == peak
+    assert u["train_tflops"] == pytest.approx(1.0)
+    assert u["mfu"] == (pytest.approx(1.0 / peak) if peak else None)

@@ -1,0 +1,90 @@
+"""Training FLOPs per token, achieved FLOP/s and model FLOPs utilization (MFU).
+
+Per token, a weight matmul costs 2 FLOPs per weight forward, 2 backward for the gradient of
+its input and 2 for the gradient of its weight (PaLM, Chowdhery et al. 2022, App. B: 6N per
+token for training). A frozen weight skips its weight gradient: 4 FLOPs per weight. Attention
+scores and their weighted sum have no weights: 4*L*h*s forward per token, 12*L*h*s for
+training (PaLM counts the full, non-causal, product). So, per real token of a sequence of s
+tokens:
+
+    full fine-tuning      6 * N                       + 12 * L * h * s
+    frozen base (LoRA...) 4 * N_frozen + 6 * N_adapter + 12 * L * h * s
+
+where N counts the weights of matmuls (decoder linear layers and lm_head; embeddings are
+lookups). Virtual tokens: prompt tuning runs v more tokens through every layer, so the cost
+of each real token is scaled by (s + v) / s; prefix tuning only lengthens the attention
+context to s + v. Prompt embeddings and prefixes are lookups, not matmuls.
+
+MFU = achieved FLOP/s / the device's peak dense bf16 FLOP/s, from the table below; devices not
+in the table get no MFU (never a guess).
+"""
+
+from __future__ import annotations
+
+# Dense bf16 tensor-core peaks (datasheets), in TFLOP/s. Order matters: first match wins.
+PEAK_BF16_TFLOPS = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),   # SXM
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+    ("RTX 4090", 165.2),
+    ("A10G", 70.0),
+    ("L4", 121.0),
+]
+
+
+def peak_tflops(device_name: str | None) -> float | None:
+    for key, peak in PEAK_BF16_TFLOPS:
+        if device_name and key in device_name:
+            return peak
+    return None
+
+
+def matmul_weights(model) -> tuple[int, int]:
+    """(frozen, trainable) weights that take part in matmuls: Linear layers (lm_head and
+    quantized ones included, a packed 4-bit weight counted at its logical size) and trainable
+    adapter tensors (LoRA, AdaLoRA); embeddings, prompt embeddings and prefixes are lookups."""
+    import torch
+
+    frozen = trainable = 0
+    in_linear_or_lookup = set()
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            in_linear_or_lookup.update(id(p) for p in module.parameters(recurse=False))
+        if isinstance(module, torch.nn.Linear):
+            quant_state = getattr(module.weight, "quant_state", None)
+            n = quant_state.shape.numel() if quant_state is not None else module.weight.numel()
+            if module.weight.requires_grad:
+                trainable += n
+            else:
+                frozen += n
+    for name, p in model.named_parameters():  # adapter tensors that are not Linear layers
+        if p.requires_grad and id(p) not in in_linear_or_lookup and p.dim() > 1:
+            trainable += p.numel()
+    return frozen, trainable
+
+
+def training_flops_per_token(model_config, frozen: int, trainable: int, seq_len: float,
+                             prompt_tokens: int = 0, prefix_tokens: int = 0) -> float:
+    """Training FLOPs per real (non-virtual) token; see the module docstring."""
+    layers = model_config.num_hidden_layers
+    heads = model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    context = seq_len + prompt_tokens + prefix_tokens
+    attention = 12 * layers * heads * head_dim * context
+    per_token = 4 * frozen + 6 * trainable + attention
+    return per_token * (seq_len + prompt_tokens) / seq_len
+
+
+def utilization(flops_per_token: float, tokens_per_s: float | None, device_name: str | None) -> dict:
+    achieved = flops_per_token * tokens_per_s / 1e12 if tokens_per_s else None
+    peak = peak_tflops(device_name)
+    return {
+        "flops_per_token": flops_per_token,
+        "train_tflops": achieved,
+        "peak_bf16_tflops": peak,
+        "mfu": achieved / peak if achieved is not None and peak else None,
+    }
