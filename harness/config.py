@@ -130,7 +130,7 @@ def _choice(cfg: dict, key: str, allowed) -> None:
 
 def validate(cfg: dict) -> None:
     """Check a resolved job config (plain dict); raise ConfigError on the first bad value."""
-    from harness.models import is_local_path
+    from harness.models import INIT_CHOICES, architectures, is_local_path
 
     _positive_int(cfg, "seed", minimum=0)
     device = _get(cfg, "device")
@@ -151,7 +151,7 @@ def validate(cfg: dict) -> None:
         _number(cfg, "memory_limit_mb", positive=True)
 
     name_or_path = _get(cfg, "model.name_or_path")
-    if name_or_path and is_local_path(name_or_path):
+    if name_or_path and is_local_path(name_or_path) and cfg["model"].get("init") != "random":
         folder = Path(name_or_path).expanduser()
         if not folder.is_dir():
             raise ConfigError(
@@ -159,7 +159,13 @@ def validate(cfg: dict) -> None:
                 "or a Hugging Face id like 'org/name')"
             )
         check_model_folder("model.name_or_path", folder)
-    if not name_or_path:
+    init = cfg["model"].get("init", "pretrained")
+    if init not in INIT_CHOICES:
+        raise ConfigError(f"model.init={init!r}: allowed values are {', '.join(INIT_CHOICES)}")
+    if init == "random" and cfg["model"].get("architecture") not in architectures():
+        raise ConfigError(f"model.init=random needs model.architecture, one of {', '.join(architectures())} "
+                          f"(got {cfg['model'].get('architecture')!r})")
+    if not name_or_path and init == "pretrained":
         _get(cfg, "model.tiny")
     if not isinstance(cfg["model"].get("trust_remote_code", False), bool):
         raise ConfigError(f"model.trust_remote_code={cfg['model']['trust_remote_code']!r}: must be true or false")

@@ -175,6 +175,8 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     if not examples:
         raise ConfigError(f"train.seq_len={tcfg['seq_len']} is shorter than every training example")
     metrics["train_examples"], metrics["train_examples_dropped"] = len(examples), dropped
+    # A real architecture with random weights measures memory and speed; its scores mean nothing.
+    metrics["score_meaningful"] = model_cfg.get("init", "pretrained") != "random"
     autocast, metrics["autocast_dtype"] = autocast_for(device, tcfg["precision"])
     metrics["wall_eval_s"] = 0.0
 

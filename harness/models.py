@@ -39,8 +39,20 @@ def is_local_path(name_or_path: str) -> bool:
     )
 
 
+ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
+INIT_CHOICES = ("pretrained", "random")
+
+
+def architectures() -> list[str]:
+    return sorted(p.stem for p in ARCHITECTURES_DIR.glob("*.json"))
+
+
 def resolve_model_source(model_cfg: dict) -> str:
-    """The folder or Hub id to load: the tiny model's cache folder if none is given."""
+    """The folder or Hub id to load: for `init: random`, a checkpoint with random weights built
+    from the model's shipped architecture; for the tiny models, their built folder."""
+    if model_cfg.get("init") == "random":
+        arch = json.loads((ARCHITECTURES_DIR / f"{model_cfg['architecture']}.json").read_text())
+        return str(build_random_model(arch, seed=0))
     name_or_path = model_cfg.get("name_or_path")
     if not name_or_path:
         return str(build_tiny_model(model_cfg["tiny"]))
@@ -145,6 +157,45 @@ def train_tokenizer(vocab_size: int, seed: int):
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
     )
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def build_random_model(architecture: dict, seed: int, vocab_size: int = 512) -> Path:
+    """Build (once, into the cache) a checkpoint of `architecture` (a config.json) with random
+    bf16 weights and a small local tokenizer, so a real-size model can be measured with no
+    download. Weights are initialized once, on the GPU if there is one, then loaded with
+    `from_pretrained` like any checkpoint (quantized methods get real bitsandbytes layers)."""
+    key = json.dumps({"build": TINY_BUILD_VERSION, "arch": architecture, "seed": seed, "vocab": vocab_size},
+                     sort_keys=True)
+    target = cache_root() / "random-models" / hashlib.sha256(key.encode()).hexdigest()[:12]
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    log.info("building a random-weight %s model into %s", architecture.get("model_type"), target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
+    try:
+        tokenizer = train_tokenizer(vocab_size, seed=seed)
+        fields = {k: v for k, v in architecture.items() if k not in ("architectures", "torch_dtype")}
+        fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+        config = AutoConfig.for_model(**fields)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del model
+        try:
+            tmp.rename(target)
+        except OSError:  # another job built it first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 # --------------------------------------------------------------------------- loading

@@ -114,3 +114,42 @@ def test_full_finetuning_of_the_default_model_beats_zero_shot(tmp_path):
     assert result["status"] == "ok"
     assert result["metrics"]["score_before"] == 0.0
     assert result["metrics"]["score"] >= 0.1  # at least 5 of the 50 unseen test problems
+
+
+# Published sizes of the shipped architectures (parameters, embeddings included).
+PUBLISHED = {"smollm2-135m": 135e6, "smollm2-360m": 362e6, "smollm2-1.7b": 1.71e9, "qwen2.5-0.5b": 494e6,
+             "qwen2.5-1.5b": 1.54e9, "qwen2.5-3b": 3.09e9, "qwen2.5-7b": 7.62e9, "llama-3.2-1b": 1.24e9,
+             "llama-3.2-3b": 3.21e9, "llama-3.1-8b": 8.03e9}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_shipped_architectures_have_their_published_size(name):
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import compose
+    from harness.models import ARCHITECTURES_DIR
+
+    model_cfg = compose([f"model={name}"])["model"]
+    assert model_cfg["architecture"] == name and model_cfg["init"] == "pretrained" and "/" in model_cfg["name_or_path"]
+    arch = json.loads((ARCHITECTURES_DIR / f"{name}.json").read_text())
+    config = AutoConfig.for_model(**{k: v for k, v in arch.items() if k != "architectures"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(PUBLISHED[name], rel=0.01)
+
+
+def test_a_real_architecture_with_random_weights_trains_quantized(tmp_path):
+    """model=qwen2.5-0.5b model.init=random: no download, real 4-bit layers, scores flagged."""
+    from conftest import run_in_process
+
+    result = run_in_process(tmp_path, ["model=qwen2.5-0.5b", "model.init=random", "method=qlora",
+                                       "train.max_steps=3", "train.batch_size=2", "task.n_test=2",
+                                       "eval.before=false", "measure.warmup_steps=1"])
+    assert result["status"] == "ok", result["error"]
+    m = result["metrics"]
+    assert m["quantized_bits_per_weight"] == pytest.approx(4.127, abs=0.01)
+    assert m["total_params"] > 490e6 and m["score_meaningful"] is False
+    assert len(m["train_losses"]) == 3 and m["tokens_per_s"] > 0

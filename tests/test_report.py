@@ -299,3 +299,19 @@ def test_cli_default_out_is_the_sweep_name(sweep, tmp_path):
     index = tmp_path / "reports" / "fake-sweep" / "index.html"
     assert proc.stdout.strip() == str(Path("reports/fake-sweep/index.html")) and index.exists()
     assert "warning:" in proc.stderr and "torn" in proc.stderr
+
+
+def test_scores_of_random_weight_architectures_are_never_compared(tmp_path):
+    for i, method in enumerate(["qlora", "lora"]):
+        result = fake_result("qwen2.5-7b", method, 0, score=0.3 + i)
+        result["metrics"]["score_meaningful"] = False
+        validate(result)
+        folder = tmp_path / f"{i}_job"
+        folder.mkdir()
+        (folder / "result.json").write_text(json.dumps(result))
+    df = collect([tmp_path])
+    assert df["metrics.score"].isna().all() and df["metrics.score_before"].isna().all()
+    summary = summarize(df)
+    verdicts = against_baseline(summary)
+    assert list(verdicts.loc[verdicts["method"] == "lora", "verdict"]) == ["not comparable (no score)"]
+    assert any("random weights (model.init=random)" in note for note in cannot_conclude(df, summary))

@@ -53,6 +53,8 @@ def collect(dirs: list[Path]) -> pd.DataFrame:
             data = _read(path)
             if data is not None:
                 metrics = data.get("metrics") or {}
+                if metrics.get("score_meaningful") is False:  # random weights: never compared
+                    metrics["score"] = metrics["score_before"] = None
                 lists = {key: metrics.pop(key.split(".", 1)[1], None) for key in LISTS}
                 flat = pd.json_normalize(data).iloc[0].to_dict()
                 records.append({**flat, **lists, "job_dir": str(path.parent)})

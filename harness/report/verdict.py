@@ -88,10 +88,10 @@ def against_baseline(summary: pd.DataFrame, baseline: str = "qlora") -> pd.DataF
             out["verdict"] = "not comparable (OOM)" if row["n_oom"] else "not comparable (failed)"
         elif row["method"] == baseline:
             out["verdict"] = "baseline"
-        elif base.empty or base.iloc[0]["n_scored"] == 0:
-            out["verdict"] = "no QLoRA baseline"
         elif row["n_scored"] == 0:
             out["verdict"] = "not comparable (no score)"
+        elif base.empty or base.iloc[0]["n_scored"] == 0:
+            out["verdict"] = "no QLoRA baseline"
         else:
             b = base.iloc[0]
             diff, lo, hi = diff_interval(row, b)
@@ -157,6 +157,11 @@ def cannot_conclude(df: pd.DataFrame, summary: pd.DataFrame, baseline: str = "ql
         if single:
             notes.append(f"{model}: only one scored seed for {', '.join(single)}: no interval, "
                          "so differences with these methods are not conclusive.")
+    if "metrics.score_meaningful" in df:
+        random_arch = sorted(df.loc[df["metrics.score_meaningful"] == False, "model"].unique())  # noqa: E712
+        if random_arch:
+            notes.append(f"{', '.join(random_arch)}: random weights (model.init=random), so their scores are not "
+                         "meaningful and are not shown; compare their memory and speed only.")
     if "config.model.name_or_path" in df:  # no name_or_path: a locally built random-init model
         tiny = sorted(df.loc[df["config.model.name_or_path"].fillna("") == "", "model"].unique())
         if tiny:
