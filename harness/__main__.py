@@ -27,12 +27,24 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from harness.config import check_composes, check_group_choices, validate
+from harness.config import CONF_DIR, check_composes, check_group_choices, validate
 from harness.errors import ConfigError
 from harness.launch import launch_job
 from harness.results import RESULT_NAME, config_hash, reusable
 
 log = logging.getLogger("harness")
+
+
+def method_list() -> str:
+    """One line per method for --help: its name and the first line of its config's comment."""
+    lines = []
+    for path in sorted((CONF_DIR / "method").glob("*.yaml")):
+        first = path.read_text().splitlines()[0].lstrip("# ").strip()
+        lines.append(f"  {path.stem:<14} {first}")
+    return "\n".join(lines)
+
+
+OmegaConf.register_new_resolver("harness_method_list", method_list, replace=True)
 failed_jobs: list[str] = []  # jobs of this multirun that ended in "error" or "cancelled"
 
 def prepare_folder(out_dir: Path, wanted_hash: str, force: bool) -> bool:

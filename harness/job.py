@@ -76,9 +76,11 @@ def autocast_for(device, precision: str):
     return contextlib.nullcontext, None
 
 
-def check_method_applies(method: dict, model_config, seq_len: int) -> None:
-    """Refuse, before loading weights, a method that cannot work on this model."""
+def check_method_applies(method: dict, model_config, seq_len: int, device) -> None:
+    """Refuse, before loading weights, a method that cannot work on this model or device."""
     name = method["name"]
+    if method.get("requires_cuda") and device.type != "cuda":
+        raise ConfigError(f"method {name!r} needs a CUDA GPU (device here: {device}); it cannot run on a CPU")
     if method.get("quantization") and not method.get("peft"):
         raise ConfigError(f"method {name!r}: a quantized base cannot be fully fine-tuned; add a `peft` block")
     virtual = (method.get("peft") or {}).get("num_virtual_tokens") or 0
@@ -161,13 +163,15 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
                                                   trust_remote_code=model_cfg.get("trust_remote_code", False))
     except OSError as e:
         raise OSError(f"cannot load model {source!r}: {e}") from e
-    check_method_applies(method, model_config, tcfg["seq_len"])
+    check_method_applies(method, model_config, tcfg["seq_len"], device)
     tokenizer = load_tokenizer(source, model_cfg["revision"], model_cfg.get("trust_remote_code", False))
     model = load_model(source, model_cfg["revision"], dtype=getattr(torch, method["base_dtype"]),
                        quantization=method.get("quantization"), device=device,
                        trust_remote_code=model_cfg.get("trust_remote_code", False))
+    weights = Path(source) / "model.safetensors"
     model = apply_method(model, method, max_steps=tcfg["max_steps"],
-                         gradient_checkpointing=tcfg["gradient_checkpointing"])
+                         gradient_checkpointing=tcfg["gradient_checkpointing"],
+                         weights_file=str(weights) if weights.is_file() else None)
     metrics.update(measure.count_params(model))
     metrics.update(measure.weight_bytes(model))
 

@@ -17,7 +17,7 @@ from harness.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamw",)
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 
 
 def adalora_schedule(peft_kwargs: dict, max_steps: int) -> dict:
@@ -59,7 +59,8 @@ def peft_config(method_cfg: dict, max_steps: int):
         raise ConfigError(f"method {method_cfg['name']!r}: bad PEFT setting: {e}")
 
 
-def apply_method(model, method_cfg: dict, *, max_steps: int, gradient_checkpointing: bool):
+def apply_method(model, method_cfg: dict, *, max_steps: int, gradient_checkpointing: bool,
+                 weights_file: str | None = None):
     """Make the loaded model trainable as the method says; returns the model to train."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -81,13 +82,18 @@ def apply_method(model, method_cfg: dict, *, max_steps: int, gradient_checkpoint
 
     config = peft_config(method_cfg, max_steps)
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as e:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
         raise ConfigError(
             f"method {method_cfg['name']!r} cannot apply to this model: {e} "
             f"(the model's linear layers: {', '.join(linear)})"
         )
+    if method_cfg.get("loftq_init"):  # LoftQ: LoRA weights that cancel the 4-bit quantization error
+        from peft import replace_lora_weights_loftq
+
+        replace_lora_weights_loftq(model, model_path=weights_file)
+    return model
 
 
 def _is_linear(module) -> bool:
@@ -101,10 +107,15 @@ def make_optimizer(model, optimizer_cfg: dict, lr: float, weight_decay: float):
 
     params = [p for p in model.parameters() if p.requires_grad]
     name = optimizer_cfg["name"]
+    betas = tuple(optimizer_cfg.get("betas", (0.9, 0.999)))
+    eps = optimizer_cfg.get("eps", 1e-8)
     if name == "adamw":
-        betas = tuple(optimizer_cfg.get("betas", (0.9, 0.999)))
-        eps = optimizer_cfg.get("eps", 1e-8)
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if name in ("adamw_8bit", "paged_adamw_8bit"):
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+        return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     raise ConfigError(f"method.optimizer.name={name!r} is unknown (allowed: {', '.join(OPTIMIZERS)})")
 
 

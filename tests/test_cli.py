@@ -68,6 +68,7 @@ def test_help_lists_groups_and_options(tmp_path):
      "num_virtual_tokens=250 + train.seq_len=64 exceeds the model's max_position_embeddings=256"),
     (["method=full", "+method.quantization.load_in_4bit=true"],
      "a quantized base cannot be fully fine-tuned"),
+    (["method=loftq", "device=cpu"], "method 'loftq' needs a CUDA GPU (device here: cpu); it cannot run on a CPU"),
 ])
 def test_method_that_cannot_apply_is_refused(tmp_path, args, message):
     proc = cli(args, cwd=tmp_path, timeout=120)

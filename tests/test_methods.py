@@ -7,7 +7,9 @@ import pytest
 from conftest import FAST, run_in_process
 from harness import results
 
-METHODS = ["qlora", "lora8", "lora", "adalora", "prompt", "prefix", "full"]
+METHODS = ["qlora", "lora8", "lora", "adalora", "prompt", "prefix", "full",
+           # newer contenders that run on a CPU (loftq needs CUDA: see test_loftq_on_a_gpu)
+           "dora", "qdora", "rslora", "pissa", "ia3", "vera", "qlora-fp4", "full-adam8bit", "full-paged"]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +58,35 @@ def test_quantized_weights_are_packed(method_results):
     assert bits["lora"] is None
     weight = {m: method_results[m]["metrics"]["weight_bytes"] for m in ("qlora", "lora8", "lora")}
     assert weight["qlora"] < weight["lora8"] < weight["lora"]
+
+
+def test_newer_quantized_methods_hold_4bit_weights(method_results):
+    for method in ("qdora", "qlora-fp4"):
+        assert method_results[method]["metrics"]["quantized_bits_per_weight"] == pytest.approx(4.127, abs=0.01)
+    trainable = {m: r["metrics"]["trainable_params"] for m, r in method_results.items()}
+    assert trainable["dora"] > trainable["lora"]  # + one magnitude per output feature
+    assert trainable["rslora"] == trainable["pissa"] == trainable["lora"]
+    assert trainable["ia3"] < trainable["vera"] < trainable["lora"]
+
+
+def test_8bit_adamw_keeps_a_quarter_of_the_optimizer_state(method_results):
+    full = method_results["full"]["metrics"]["optimizer_state_bytes"]
+    for method in ("full-adam8bit", "full-paged"):
+        m = method_results[method]["metrics"]
+        assert m["optimizer"] == method_results[method]["config"]["method"]["optimizer"]["name"]
+        assert 0.2 < m["optimizer_state_bytes"] / full < 0.32
+        assert "uint8" in m["optimizer_state_dtypes"]
+
+
+def test_loftq_on_a_gpu(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("loftq needs a CUDA GPU (PEFT's replace_lora_weights_loftq runs on CUDA only)")
+    from conftest import run_in_process
+
+    result = run_in_process(tmp_path, ["method=loftq", *FAST])
+    assert result["status"] == "ok" and result["metrics"]["quantized_bits_per_weight"] == pytest.approx(4.127, abs=0.01)
 
 
 def test_full_finetuning_names_its_optimizer_and_precision(method_results):
