@@ -140,6 +140,7 @@ def validate(cfg: dict) -> None:
         _positive_int(cfg, f"train.{key}")
     _positive_int(cfg, "train.warmup_steps", minimum=0)
     _number(cfg, "train.lr", positive=True)
+    _number(cfg, "train.lr_scale", positive=True)
     _number(cfg, "train.weight_decay")
     _number(cfg, "train.max_grad_norm")
     _choice(cfg, "train.schedule", SCHEDULES)

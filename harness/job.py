@@ -184,9 +184,9 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     autocast, metrics["autocast_dtype"] = autocast_for(device, tcfg["precision"])
     metrics["wall_eval_s"] = 0.0
 
-    def score():
+    def score(split="test"):
         t = time.time()
-        value = score_generation(model, tokenizer, splits["test"], metric, task_cfg["metric"],
+        value = score_generation(model, tokenizer, splits[split], metric, task_cfg["metric"],
                                  batch_size=config["eval"]["batch_size"], max_new_tokens=task_cfg["max_new_tokens"],
                                  device=device, autocast=autocast)
         metrics["wall_eval_s"] += time.time() - t
@@ -196,7 +196,8 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
         metrics["score_before"], _ = score()
         log.info("score before training: %s=%.4f", task_cfg["metric"], metrics["score_before"])
 
-    optimizer = make_optimizer(model, method["optimizer"], tcfg["lr"], tcfg["weight_decay"])
+    metrics["lr"] = tcfg["lr"] * tcfg.get("lr_scale", 1.0)
+    optimizer = make_optimizer(model, method["optimizer"], metrics["lr"], tcfg["weight_decay"])
     scheduler = lr_scheduler(optimizer, tcfg["schedule"], tcfg["warmup_steps"], tcfg["max_steps"])
     timer = measure.StepTimer(device, config["measure"]["warmup_steps"])
     batches = batch_stream(examples, tcfg["batch_size"], config["seed"], tokenizer.pad_token_id, device)
@@ -217,6 +218,8 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
         pattern = model.peft_config["default"].rank_pattern or {}
         metrics["adalora_final_ranks"] = {k: int(sum(v)) for k, v in pattern.items()}
 
+    if config["eval"].get("validation"):  # for choosing learning rates; the test split stays unseen
+        metrics["validation_score"], _ = score("validation")
     metrics["score"], metrics["score_samples"] = score()
     log.info("score after training: %s=%.4f", task_cfg["metric"], metrics["score"])
     metrics["adapter_bytes"] = adapter_bytes(model)
@@ -289,12 +292,13 @@ def setup_logging(out_dir: Path) -> None:
 
 
 def die_with_parent() -> None:
-    """On Linux, have the kernel kill this process when its parent dies (a killed sweep must
-    not leave a job running on, writing into a folder a rerun is using)."""
+    """On Linux, have the kernel send this process SIGTERM when its parent (the job server)
+    dies, so a killed sweep leaves no job running on: the job records itself as cancelled and
+    exits (a rerun then runs it again)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def raise_keyboard_interrupt(signum, frame):

@@ -4,8 +4,8 @@ Peak memory, by device (each reading minus its baseline, taken before the model 
   CUDA  torch's peak allocated and peak reserved (exact, from the caching allocator), and
         NVML "used" memory of the GPU, sampled. The headline is peak reserved: what the
         process's tensors really held on the card, allocator slack included.
-  CPU   process RSS, sampled, and the kernel's high-water mark (ru_maxrss). The headline is
-        the larger of the two (the high-water mark cannot miss a short spike).
+  CPU   process RSS, sampled, and the kernel's high-water mark (VmHWM on Linux). The headline
+        is the larger of the two (the high-water mark cannot miss a short spike).
 All values are MiB (2**20 bytes).
 """
 
@@ -25,8 +25,16 @@ class MemoryLimitExceeded(MemoryError):
 
 
 def _max_rss_bytes() -> int:
+    """This process's RSS high-water mark. Linux: VmHWM, which a new process starts afresh;
+    ru_maxrss would carry the peak of the process that started this one across fork/exec."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes, others: KiB
 
 
 class MemorySampler:

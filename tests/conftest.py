@@ -13,7 +13,7 @@ os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLI
                   TOKENIZERS_PARALLELISM="false")
 
 # Small settings that keep each job to a few seconds on 2 CPU cores.
-FAST = ["train.max_steps=30", "train.log_every=10", "task.n_test=20"]
+FAST = ["train.max_steps=20", "train.log_every=10", "task.n_test=20", "task.n_validation=20"]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,5 +1,6 @@
 """`python -m harness` as a user runs it: default job, sweeps, help, and bad input."""
 
+import re
 import time
 
 import pytest
@@ -60,24 +61,31 @@ def test_help_lists_groups_and_options(tmp_path):
         assert word in proc.stdout
 
 
-# Refused by the job process, after it read the model's config.
+def test_method_that_cannot_apply_is_refused_by_the_job(tmp_path):
+    proc = cli(["method=lora", "method.peft.target_modules=[attn_q]"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "method 'lora' cannot apply to this model" in errors[0], proc.stderr
+    assert "the model's linear layers: down_proj, gate_proj, k_proj" in errors[0]
+    assert not (tmp_path / "outputs").exists()  # nothing left behind
+
+
+# Refused by the job itself, after it read the model's config (same path as above, in-process).
 @pytest.mark.parametrize("args,message", [
-    (["method=lora", "method.peft.target_modules=[attn_q]"],
-     "method 'lora' cannot apply to this model"),
     (["method=prompt", "method.peft.num_virtual_tokens=250"],
      "num_virtual_tokens=250 + train.seq_len=64 exceeds the model's max_position_embeddings=256"),
     (["method=full", "+method.quantization.load_in_4bit=true"],
      "a quantized base cannot be fully fine-tuned"),
     (["method=loftq", "device=cpu"], "method 'loftq' needs a CUDA GPU (device here: cpu); it cannot run on a CPU"),
 ])
-def test_method_that_cannot_apply_is_refused(tmp_path, args, message):
-    proc = cli(args, cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], proc.stderr
-    assert not list(tmp_path.rglob("result.json"))
-    assert not (tmp_path / "outputs" / "runs").exists() or not any((tmp_path / "outputs" / "runs").iterdir())
+def test_method_that_cannot_apply_is_a_config_error(tmp_path, args, message):
+    from conftest import run_in_process
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_in_process(tmp_path, args)
+    assert not (tmp_path / "result.json").exists()
 
 
 def test_failing_job_writes_an_error_result_and_exits_1(tmp_path):

@@ -26,11 +26,13 @@ def test_method_trains_and_writes_a_valid_result(method, method_results):
     assert result["method"] == method
     m = result["metrics"]
     losses = m["train_losses"]
-    assert len(losses) == 30
-    # The loss falls: the last 5 steps average at least 0.3 nats below the first 5.
-    assert statistics.mean(losses[-5:]) < statistics.mean(losses[:5]) - 0.3
+    assert len(losses) == 20
+    # The loss falls: the median of the last 5 steps is at least 0.3 nats below that of the
+    # first 5 (a median, so that one spike does not decide).
+    assert statistics.median(losses[-5:]) < statistics.median(losses[:5]) - 0.3
     assert m["train_loss_last"] == losses[-1] and m["train_loss_first"] == losses[0]
-    assert 0 <= m["score_before"] <= 1 and 0 <= m["score"] <= 1
+    assert 0 <= m["score_before"] <= 1 and 0 <= m["score"] <= 1 and 0 <= m["validation_score"] <= 1
+    assert m["lr"] == result["config"]["train"]["lr"] * result["config"]["train"]["lr_scale"]
     assert m["tokens_per_s"] > 0 and m["step_time_ms"] > 0
     assert m["peak_memory_mb"] >= 0 and m["memory_source"] == "cpu_rss"
     assert 0 < m["trainable_params"] <= m["total_params"]

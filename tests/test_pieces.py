@@ -91,17 +91,24 @@ def test_exact_match_metric_loads_by_path_offline():
 
 
 def test_memory_sampler_sees_an_allocation():
-    import torch
+    """In a fresh process (as every job runs), so that memory freed by earlier tests cannot hide it."""
+    import subprocess
+    import sys
 
-    from harness.measure import MemorySampler
-
-    sampler = MemorySampler("cpu", interval_s=0.005).start()
-    block = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB, touched
-    peaks = sampler.stop()
-    del block
+    code = """
+import json, torch
+from harness.measure import MemorySampler
+sampler = MemorySampler("cpu", interval_s=0.005).start()
+block = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB, touched
+peaks = sampler.stop()
+assert sampler.stop() is peaks
+print(json.dumps(peaks))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    peaks = json.loads(out.strip().splitlines()[-1])
     assert peaks["memory_source"] == "cpu_rss"
     assert 250 <= peaks["peak_memory_mb"] < 400
-    assert peaks["rss_high_water_mark_mb"] >= 250 and sampler.stop() is peaks
+    assert peaks["rss_high_water_mark_mb"] >= 250
 
 
 def test_step_timer_excludes_warmup_and_counts_tokens():

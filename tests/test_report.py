@@ -315,3 +315,47 @@ def test_scores_of_random_weight_architectures_are_never_compared(tmp_path):
     verdicts = against_baseline(summary)
     assert list(verdicts.loc[verdicts["method"] == "lora", "verdict"]) == ["not comparable (no score)"]
     assert any("random weights (model.init=random)" in note for note in cannot_conclude(df, summary))
+
+
+def test_equal_tuning_effort_picks_each_methods_learning_rate_by_validation_score(tmp_path):
+    """Three learning rates per method, two seeds: the best mean validation score wins, its test
+    score is what the verdict uses, and a winner at the edge of its grid is flagged."""
+    from harness.report.render import build_report
+    from harness.report.verdict import select_learning_rates
+
+    # method -> lr -> (validation score, test score); qlora's best is in the middle of its grid
+    table = {"qlora": {1e-4: (0.2, 0.25), 2e-4: (0.5, 0.45), 4e-4: (0.3, 0.9)},
+             "lora": {1e-4: (0.1, 0.2), 2e-4: (0.2, 0.3), 4e-4: (0.6, 0.5)}}
+    i = 0
+    for method, by_lr in table.items():
+        for lr, (val, test) in by_lr.items():
+            for seed in (0, 1):
+                result = fake_result("m", method, seed, score=test + seed * 0.01)
+                result["metrics"].update(lr=lr, validation_score=val + seed * 0.01)
+                validate(result)
+                (tmp_path / "s" / f"{i}").mkdir(parents=True)
+                (tmp_path / "s" / f"{i}" / "result.json").write_text(json.dumps(result))
+                i += 1
+    df = collect([tmp_path / "s"])
+    kept, choices = select_learning_rates(df)
+    chosen = dict(zip(choices["method"], choices["chosen_lr"]))
+    assert chosen == {"lora": 4e-4, "qlora": 2e-4}  # by validation, not by test score (0.9 at 4e-4)
+    edge = dict(zip(choices["method"], choices["edge_of_grid"]))
+    assert edge == {"lora": True, "qlora": False}
+    assert len(kept) == 4 and set(kept["metrics.lr"]) == {2e-4, 4e-4}
+    summary = summarize(kept)
+    assert summary.set_index("method").loc["qlora", "score_mean"] == pytest.approx(0.455)
+    assert summary.set_index("method").loc["lora", "score_mean"] == pytest.approx(0.505)
+
+    html = build_report([tmp_path / "s"], tmp_path / "report").read_text()
+    assert "Equal tuning effort" in html and "at the edge of its grid: may be under-tuned" in html
+    assert len(pd.read_csv(tmp_path / "report" / "results.csv")) == 12  # every job stays in the CSV
+
+
+def test_one_learning_rate_means_no_selection():
+    from harness.report.verdict import select_learning_rates
+
+    df = pd.DataFrame({"model": ["m", "m"], "method": ["lora", "qlora"], "metrics.lr": [1e-3, 1e-3],
+                       "status": ["ok", "ok"], "metrics.validation_score": [0.1, 0.2]})
+    kept, choices = select_learning_rates(df)
+    assert kept is df and choices.empty

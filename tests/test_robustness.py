@@ -28,7 +28,7 @@ def wait_for(predicate, timeout=120.0):
     raise AssertionError("timed out")
 
 
-SWEEP = ["-m", "method=lora,prompt,full,prefix", *FAST, "train.max_steps=25", "eval.before=false",
+SWEEP = ["-m", "method=lora,prompt,full,prefix", *FAST, "train.max_steps=15", "eval.before=false",
          "report.enabled=false"]
 
 
@@ -70,12 +70,23 @@ def test_changing_a_training_key_reruns_the_affected_jobs_only(tmp_path):
     # The result of the old configuration is kept aside, never lost.
     (kept,) = sweep.glob(f"1_*/result.{before[5]['config_hash']}.json")
     assert json.loads(kept.read_text())["config"]["train"]["max_steps"] == 5
-    # force=true reruns even a complete job.
-    forced = cli([*common, "train.max_steps=4", "force=true"], cwd=tmp_path)
-    assert forced.returncode == 0
-    again = {r["config"]["train"]["max_steps"]: r for r in results_under(sweep)}
-    assert again[4]["env"]["start_time"] >= before[4]["env"]["start_time"]
-    assert again[4]["env"]["pid"] != before[4]["env"]["pid"]
+
+
+def test_force_reruns_a_complete_job(tmp_path):
+    from harness.__main__ import prepare_folder
+    from harness.results import config_hash
+
+    job = tmp_path / "job"
+    job.mkdir()
+    result = json.loads((REPO / "tests" / "golden" / "lora" / "result.json").read_text())
+    (job / "result.json").write_text(json.dumps(result))
+    wanted = result["config_hash"]
+    assert config_hash(result["config"]) == wanted  # same code, same packages: same hash
+    assert prepare_folder(job, wanted, force=False) is True   # complete: skipped
+    assert prepare_folder(job, wanted, force=True) is False   # force=true: run again
+    (job / ".result.json.abc.tmp").write_text("{")  # a write killed half-way
+    assert prepare_folder(job, "0" * 16, force=False) is False
+    assert not list(job.glob("*.tmp")) and (job / f"result.{wanted}.json").is_file()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -94,35 +105,27 @@ def test_interrupted_job_records_itself_as_cancelled(tmp_path, sig):
     validate(result)
 
 
-def test_absurd_learning_rate_diverges_and_the_sweep_goes_on(tmp_path):
-    proc = cli(["-m", "method=full,lora", "train.lr=1e30", "train.warmup_steps=0", *FAST, "train.max_steps=10",
-                "report.enabled=false", f"hydra.sweep.dir={tmp_path}/s"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    found = results_under(tmp_path / "s")
-    assert [r["status"] for r in found] == ["diverged", "diverged"]
-    assert all(r["metrics"]["diverged_step"] < 10 for r in found)
+def test_repro_passes_on_a_fresh_result_and_fails_on_an_altered_one(tmp_path, capsys):
+    from harness.repro import main as repro
 
-
-def test_repro_passes_on_a_fresh_result_and_fails_on_an_altered_one(tmp_path):
     job = tmp_path / "job"
     job.mkdir()
     golden = json.loads((REPO / "tests" / "golden" / "lora" / "result.json").read_text())
     (job / "result.json").write_text(json.dumps(golden))
-    ok = subprocess.run([sys.executable, "-m", "harness.repro", str(job)], capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "all within tolerance" in ok.stdout
-    assert "train_losses" in ok.stdout and "identical" in ok.stdout
+    assert repro([str(job)]) == 0
+    ok = capsys.readouterr().out
+    assert "all within tolerance" in ok
+    assert "train_losses" in ok and "identical" in ok
 
     golden["metrics"]["train_losses"][3] += 1e-6  # one recorded loss, altered a little
     (job / "result.json").write_text(json.dumps(golden))
-    bad = subprocess.run([sys.executable, "-m", "harness.repro", str(job / "result.json")], capture_output=True,
-                         text=True)
-    assert bad.returncode == 1
-    header = bad.stdout.splitlines()[0].split()
+    assert repro([str(job / "result.json")]) == 1
+    bad = capsys.readouterr().out
+    header = bad.splitlines()[0].split()
     assert header == ["job", "metric", "recorded", "rerun", "tolerance", "verdict"]
-    (line,) = [row for row in bad.stdout.splitlines() if "MISMATCH" in row]
+    (line,) = [row for row in bad.splitlines() if "MISMATCH" in row]
     assert "train_losses" in line
-    assert "1 mismatch(es)" in bad.stdout
+    assert "1 mismatch(es)" in bad
 
 
 # --------------------------------------------------------------------------- bad input
@@ -152,9 +155,11 @@ def foreign_result(tmp: Path) -> Path:
 H, R, P = "harness", "harness.report", "harness.repro"
 BAD_INPUT = [
     # entry point, arguments (a function of the test's tmp folder), what the error line says
-    (H, lambda t: ["model=tiny-9000"], "unknown model 'tiny-9000' (allowed: path, tiny-13m, tiny-1m, tiny-5m)"),
+    (H, lambda t: ["model=tiny-9000"], "unknown model 'tiny-9000' (allowed: llama-3.1-8b, llama-3.2-1b, llama-3.2-3b, path, qwen2.5-0.5b, "
+     "qwen2.5-1.5b, qwen2.5-3b, qwen2.5-7b, smollm2-1.7b, smollm2-135m, smollm2-360m, tiny-13m, tiny-1m, tiny-5m)"),
     (H, lambda t: ["-m", "method=lora,qlora4"],
-     "unknown method 'qlora4' (allowed: adalora, full, lora, lora8, prefix, prompt, qlora)"),
+     "unknown method 'qlora4' (allowed: adalora, dora, full, full-adam8bit, full-paged, ia3, loftq, lora, lora8, "
+     "pissa, prefix, prompt, qdora, qlora, qlora-fp4, rslora, vera)"),
     (H, lambda t: ["task=gsm9k"], "unknown task 'gsm9k' (allowed: arithmetic)"),
     (H, lambda t: ["-m", "sweep=nightly"], "unknown sweep 'nightly' (allowed: ci, qlora-vs-all)"),
     (H, lambda t: ["method=lora", "method.peft.r=0"], "method.peft.r=0: must be a positive integer"),
@@ -211,17 +216,22 @@ def test_bad_input_gets_one_clear_line(tmp_path, entry, make_args, message):
     assert before is not None
 
 
-def test_a_job_over_its_memory_limit_is_an_oom_result_and_the_sweep_goes_on(tmp_path):
+def test_oom_and_diverged_jobs_are_results_and_the_sweep_goes_on(tmp_path):
+    """Over memory_limit_mb: oom; an absurd learning rate: diverged (NaN); the sweep goes on
+    to its last job and reports all of them."""
     sweep = tmp_path / "s"
-    proc = cli(["-m", "memory_limit_mb=40,null", *FAST, "train.max_steps=5", f"hydra.sweep.dir={sweep}"],
-               cwd=tmp_path)
+    proc = cli(["-m", "memory_limit_mb=40,null", "train.lr=1e30,1e-2", "train.warmup_steps=0", *FAST,
+                "train.max_steps=8", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    first, second = results_under(sweep)
-    assert first["status"] == "oom" and "over memory_limit_mb=40" in first["error"]
-    assert first["metrics"]["peak_memory_mb"] > 40  # the memory reached is recorded
-    assert second["status"] == "ok"
+    found = {(r["config"]["memory_limit_mb"], r["config"]["train"]["lr"]): r for r in results_under(sweep)}
+    assert {k: r["status"] for k, r in found.items()} == {
+        (40, 1e30): "oom", (40, 1e-2): "oom", (None, 1e30): "diverged", (None, 1e-2): "ok"}
+    oom = found[(40, 1e-2)]
+    assert "over memory_limit_mb=40" in oom["error"] and oom["metrics"]["peak_memory_mb"] > 40
+    diverged = found[(None, 1e30)]
+    assert diverged["metrics"]["diverged_step"] < 8 and "loss is nan" in diverged["error"]
     import pandas as pd
 
     table = pd.read_csv(sweep / "report" / "results.csv")
-    assert sorted(table["status"]) == ["ok", "oom"]
+    assert sorted(table["status"]) == ["diverged", "ok", "oom", "oom"]
     assert "over memory_limit_mb=40" in (sweep / "report" / "index.html").read_text()

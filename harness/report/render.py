@@ -11,7 +11,8 @@ from markupsafe import Markup
 
 from harness.report import figures
 from harness.report.aggregate import collect, write_csv
-from harness.report.verdict import against_baseline, cannot_conclude, pareto_front, summarize
+from harness.report.verdict import (against_baseline, cannot_conclude, pareto_front, select_learning_rates,
+                                    summarize)
 
 BASELINE = "qlora"
 MEMORY_SOURCES = {
@@ -156,14 +157,27 @@ def memory_note(df: pd.DataFrame) -> str:
             f"Source here: {described or 'unknown'}.")
 
 
+def learning_rate_table(choices: pd.DataFrame) -> str:
+    """The learning rate chosen per method on validation score, edge-of-grid winners flagged."""
+    rows = pd.DataFrame({
+        "model": choices["model"], "method": choices["method"],
+        "learning rates tried": [", ".join(f"{lr:.2g}" for lr in grid) for grid in choices["grid"]],
+        "chosen (best validation score)": choices["chosen_lr"].map(lambda v: "—" if pd.isna(v) else f"{v:.2g}"),
+        "validation score": choices["validation_score"].map(lambda v: "—" if pd.isna(v) else f"{v:.3f}"),
+        "note": choices["edge_of_grid"].map(lambda e: "at the edge of its grid: may be under-tuned" if e else ""),
+    })
+    return rows.style.hide(axis="index").set_table_attributes('class="runs"').set_uuid("lrs").to_html()
+
+
 def render_report(df: pd.DataFrame, out_dir: Path, title: str) -> Path:
     """Write results.csv, the figures and index.html for the collected results `df`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    all_jobs, (df, choices) = df, select_learning_rates(df)
     summary = summarize(df)
     comparison = against_baseline(summary, BASELINE)
     front = pareto_front(summary)
-    write_csv(df, out_dir / "results.csv")
+    write_csv(all_jobs, out_dir / "results.csv")
     made = {"pareto.png": figures.pareto_figure(summary, front),
             "speed.png": figures.speed_figure(summary),
             "scaling.png": figures.scaling_figure(df, summary),
@@ -178,7 +192,8 @@ def render_report(df: pd.DataFrame, out_dir: Path, title: str) -> Path:
         verdicts=[(m, Markup(verdict_table(m, summary, comparison, front, f"verdict{i}")))
                   for i, m in enumerate(models)],
         figures=FIGURES, notes=cannot_conclude(df, summary, BASELINE),
-        runs=Markup(run_table(df)), provenance=provenance(df))
+        learning_rates=Markup(learning_rate_table(choices)) if len(choices) else None,
+        runs=Markup(run_table(all_jobs)), provenance=provenance(all_jobs))
     index = out_dir / "index.html"
     index.write_text(html)
     return index

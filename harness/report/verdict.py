@@ -125,6 +125,33 @@ def pareto_front(points: pd.DataFrame) -> set[tuple[str, str]]:
     return front
 
 
+def select_learning_rates(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Equal tuning effort: where a (model, method) ran several learning rates, keep only the
+    jobs of the rate with the best mean validation score over seeds (ties: the lower rate).
+    Returns the kept rows and one row per (model, method) with its grid, the chosen rate and
+    whether that rate is at an edge of the grid (the method may be under-tuned)."""
+    columns = ["model", "method", "grid", "chosen_lr", "validation_score", "edge_of_grid"]
+    if "metrics.lr" not in df or df.groupby(["model", "method"])["metrics.lr"].nunique().max() <= 1:
+        return df, pd.DataFrame(columns=columns)
+    keep, choices = [], []
+    for (model, method), group in df.groupby(["model", "method"], sort=True):
+        grid = sorted(pd.to_numeric(group["metrics.lr"], errors="coerce").dropna().unique())
+        ok = group[group["status"] == "ok"]
+        by_lr = pd.to_numeric(ok["metrics.validation_score"], errors="coerce").groupby(ok["metrics.lr"]).mean()
+        by_lr = by_lr.dropna().sort_index()
+        if by_lr.empty:  # nothing to choose by: keep every job (the failures stay visible)
+            keep.append(group)
+            choices.append({"model": model, "method": method, "grid": grid, "chosen_lr": math.nan,
+                            "validation_score": math.nan, "edge_of_grid": False})
+            continue
+        chosen = by_lr.idxmax()
+        keep.append(group[group["metrics.lr"] == chosen])
+        choices.append({"model": model, "method": method, "grid": grid, "chosen_lr": chosen,
+                        "validation_score": by_lr[chosen],
+                        "edge_of_grid": len(grid) > 1 and chosen in (grid[0], grid[-1])})
+    return pd.concat(keep).sort_index(), pd.DataFrame(choices, columns=columns)
+
+
 def cannot_conclude(df: pd.DataFrame, summary: pd.DataFrame, baseline: str = "qlora") -> list[str]:
     """Plain sentences on what these results cannot tell."""
     notes = []
