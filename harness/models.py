@@ -89,9 +89,8 @@ def build_tiny_model(tiny_cfg: dict) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     log.info("building tiny model into %s", target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
-    try:
+
+    def save(folder: Path) -> None:
         tokenizer = train_tokenizer(tiny_cfg["vocab_size"], seed=tiny_cfg["seed"])
         arch = {k: v for k, v in tiny_cfg.items() if k not in ("vocab_size", "seed")}
         config = LlamaConfig(
@@ -104,8 +103,19 @@ def build_tiny_model(tiny_cfg: dict) -> Path:
         with torch.random.fork_rng():  # the job's own random stream must not depend on the cache
             torch.manual_seed(tiny_cfg["seed"])
             model = LlamaForCausalLM(config)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return save_into_place(target, save)
+
+
+def save_into_place(target: Path, save) -> Path:
+    """Run `save(folder)` on a temporary folder beside `target`, then rename it into place, so
+    concurrent jobs of a sweep never see a half-written model (the first one built wins)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
+    try:
+        save(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another job built it first
@@ -173,9 +183,8 @@ def build_random_model(architecture: dict, seed: int, vocab_size: int = 512) -> 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     log.info("building a random-weight %s model into %s", architecture.get("model_type"), target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
-    try:
+
+    def save(folder: Path) -> None:
         tokenizer = train_tokenizer(vocab_size, seed=seed)
         fields = {k: v for k, v in architecture.items() if k not in ("architectures", "torch_dtype")}
         fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -185,17 +194,10 @@ def build_random_model(architecture: dict, seed: int, vocab_size: int = 512) -> 
         with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        del model
-        try:
-            tmp.rename(target)
-        except OSError:  # another job built it first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return save_into_place(target, save)
 
 
 # --------------------------------------------------------------------------- loading
