@@ -180,7 +180,7 @@ def test_a_real_architecture_with_random_weights_trains_quantized(tmp_path):
 
     result = run_in_process(tmp_path, ["model=qwen2.5-0.5b", "model.init=random", "method=qlora",
                                        "train.max_steps=3", "train.batch_size=2", "task.n_test=2",
-                                       "eval.before=false", "measure.warmup_steps=1"])
+                                       "task.n_validation=2", "eval.before=false", "measure.warmup_steps=1"])
     assert result["status"] == "ok", result["error"]
     m = result["metrics"]
     assert m["quantized_bits_per_weight"] == pytest.approx(4.127, abs=0.01)
