@@ -147,6 +147,8 @@ def validate(cfg: dict) -> None:
     _choice(cfg, "train.precision", PRECISIONS)
     _positive_int(cfg, "measure.warmup_steps", minimum=0)
     _number(cfg, "measure.sample_interval_s", positive=True)
+    if _get(cfg, "measure.cpu_mmap_threshold_kb") is not None:
+        _positive_int(cfg, "measure.cpu_mmap_threshold_kb")
     _positive_int(cfg, "eval.batch_size")
     if cfg.get("memory_limit_mb") is not None:
         _number(cfg, "memory_limit_mb", positive=True)

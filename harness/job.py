@@ -133,6 +133,21 @@ def training_flops(model, model_config, method: dict, examples: list[dict], devi
     return flops.utilization(per_token, tokens_per_s, name)
 
 
+def predicted_memory(model_config, method: dict, tcfg: dict, longest: int, device) -> dict:
+    """The memory model's prediction for this job (harness/memory_model.py): the peak in MiB
+    and its breakdown, for the longest batch (padded to its longest example)."""
+    from harness import memory_model
+
+    try:
+        p = memory_model.predict(model_config.to_dict(), method, batch_size=tcfg["batch_size"], seq_len=longest,
+                                 device=device.type, precision=tcfg["precision"],
+                                 gradient_checkpointing=tcfg["gradient_checkpointing"], grad_accum=tcfg["grad_accum"])
+    except memory_model.UnsupportedModel as e:
+        log.warning("no memory prediction: %s", e)
+        return {"predicted_peak_memory_mb": None, "predicted_memory": None}
+    return {"predicted_peak_memory_mb": p["peak_mb"], "predicted_memory": p}
+
+
 def train_and_score(config: dict, device, metrics: dict, sampler, started: float) -> None:
     """Everything a job measures, filled into `metrics` as soon as it is known.
 
@@ -165,6 +180,12 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
         raise OSError(f"cannot load model {source!r}: {e}") from e
     check_method_applies(method, model_config, tcfg["seq_len"], device)
     tokenizer = load_tokenizer(source, model_cfg["revision"], model_cfg.get("trust_remote_code", False))
+    examples, dropped = tokenize_examples(splits["train"], tokenizer, tcfg["seq_len"])
+    if not examples:
+        raise ConfigError(f"train.seq_len={tcfg['seq_len']} is shorter than every training example")
+    metrics["train_examples"], metrics["train_examples_dropped"] = len(examples), dropped
+    # The prediction comes before the model loads, so an out-of-memory result carries it too.
+    metrics.update(predicted_memory(model_config, method, tcfg, max(len(e["input_ids"]) for e in examples), device))
     model = load_model(source, model_cfg["revision"], dtype=getattr(torch, method["base_dtype"]),
                        quantization=method.get("quantization"), device=device,
                        trust_remote_code=model_cfg.get("trust_remote_code", False))
@@ -175,10 +196,6 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     metrics.update(measure.count_params(model))
     metrics.update(measure.weight_bytes(model))
 
-    examples, dropped = tokenize_examples(splits["train"], tokenizer, tcfg["seq_len"])
-    if not examples:
-        raise ConfigError(f"train.seq_len={tcfg['seq_len']} is shorter than every training example")
-    metrics["train_examples"], metrics["train_examples_dropped"] = len(examples), dropped
     # A real architecture with random weights measures memory and speed; its scores mean nothing.
     metrics["score_meaningful"] = model_cfg.get("init", "pretrained") != "random"
     autocast, metrics["autocast_dtype"] = autocast_for(device, tcfg["precision"])
@@ -251,6 +268,11 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
     determinism = seed_everything(config["seed"], config["deterministic"])
     result = new_result(config)
     result["env"] = environment(device, command, list(overrides), determinism)
+    if device.type == "cpu":
+        from harness.measure import release_freed_cpu_memory
+
+        result["env"]["malloc_mmap_threshold"] = release_freed_cpu_memory(
+            config["measure"].get("cpu_mmap_threshold_kb"))
     metrics = result["metrics"]
     sampler = MemorySampler(device, config["measure"]["sample_interval_s"], config.get("memory_limit_mb")).start()
     try:
@@ -270,6 +292,8 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
             # Out of memory; libraries may wrap the error (transformers does while loading).
             message = (f"memory limit exceeded: {sampler.exceeded_mb:,.0f} MiB in use, over memory_limit_mb="
                        f"{sampler.limit_mb:g}" if sampler.exceeded_mb is not None else f"{type(e).__name__}: {e}")
+            if metrics.get("predicted_peak_memory_mb"):
+                message += f" (predicted need: {metrics['predicted_peak_memory_mb']:,.0f} MiB)"
             result.update(status="oom", error=message.strip())
         else:
             log.error("job failed:\n%s", traceback.format_exc())

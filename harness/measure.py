@@ -146,6 +146,27 @@ class MemorySampler:
         }
 
 
+def release_freed_cpu_memory(threshold_kb: int | None) -> int | None:
+    """Have glibc's malloc serve blocks of `threshold_kb` and more with mmap, so they go back
+    to the OS when freed. By default glibc raises that threshold as a program frees large
+    blocks and keeps freed memory in its heap: the RSS peak then shows what the allocator
+    kept (1.5-2x the tensors in use, measured on the tiny models) rather than what the job
+    needed. Returns the threshold set in bytes, or None (not glibc, or not asked)."""
+    if not threshold_kb or not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        M_MMAP_THRESHOLD = -3
+        if libc.mallopt(M_MMAP_THRESHOLD, int(threshold_kb) * 1024) != 1:
+            return None
+        libc.malloc_trim(0)  # hand back what the heap already holds, before the baseline
+    except (OSError, AttributeError):  # musl and other libcs: leave the allocator as it is
+        return None
+    return int(threshold_kb) * 1024
+
+
 def _nvml_handle(device):
     """NVML handle of the torch device (CUDA_VISIBLE_DEVICES respected), or None without NVML."""
     import os

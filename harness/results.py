@@ -16,7 +16,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-SCHEMA_VERSION = 2  # 2: config_hash, status "cancelled"
+SCHEMA_VERSION = 3  # 2: config_hash, status "cancelled"; 3: predicted memory
 SCHEMA_PATH = Path(__file__).with_name("result_schema.json")
 RESULT_NAME = "result.json"
 STATUSES = ("ok", "oom", "diverged", "error", "cancelled")
@@ -30,6 +30,7 @@ HASHED_PACKAGES = ("harness", "torch", "transformers", "peft", "bitsandbytes", "
 METRIC_KEYS = (
     "peak_memory_mb", "memory_source", "tokens_per_s", "step_time_ms", "train_loss_first",
     "train_loss_last", "score_before", "score", "trainable_params", "total_params", "weight_bytes",
+    "predicted_peak_memory_mb",
 )
 PACKAGES = ("harness", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets",
             "evaluate", "tokenizers", "hydra-core", "omegaconf", "numpy", "nvidia-ml-py")

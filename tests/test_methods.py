@@ -40,6 +40,15 @@ def test_method_trains_and_writes_a_valid_result(method, method_results):
     assert result["env"]["packages"]["torch"] and result["env"]["end_time"]
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_measured_weight_bytes_are_the_predicted_ones(method, method_results):
+    """The memory model's weight bytes (from the config alone) against the loaded model's."""
+    m = method_results[method]["metrics"]
+    assert m["predicted_memory"]["weight_bytes"] == pytest.approx(m["weight_bytes"], rel=0.02)
+    assert m["predicted_memory"]["trainable_params"] == m["trainable_params"]
+    assert m["predicted_peak_memory_mb"] > m["predicted_memory"]["weights_mb"]
+
+
 def test_parameter_counts_order_methods(method_results):
     trainable = {m: r["metrics"]["trainable_params"] for m, r in method_results.items()}
     total = method_results["full"]["metrics"]["total_params"]
@@ -171,7 +180,11 @@ def test_shipped_architectures_have_their_published_size(name):
     config = AutoConfig.for_model(**{k: v for k, v in arch.items() if k != "architectures"})
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    assert sum(p.numel() for p in model.parameters()) == pytest.approx(PUBLISHED[name], rel=0.01)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == pytest.approx(PUBLISHED[name], rel=0.01)
+    from harness.memory_model import parameter_count
+
+    assert parameter_count(arch) == count  # the memory model's count, from the config alone
 
 
 def test_a_real_architecture_with_random_weights_trains_quantized(tmp_path):

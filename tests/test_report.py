@@ -142,6 +142,7 @@ def fake_result(model: str, method: str, seed: int, status: str = "ok", score: f
         "total_params": total if ok else None, "weight_bytes": 4 * total if ok else None,
         "score_samples": [{"prompt": "1+1=", "reference": "2", "prediction": "2"}] if ok else [],
         "wall_setup_s": 1.5, "wall_train_s": 10.0 if ok else None, "wall_eval_s": 2.0 if ok else None,
+        "predicted_peak_memory_mb": memory * 0.8 if memory else None,  # measured / predicted = 1.25
     }
     result = {
         "schema_version": 2, "config_hash": f"{abs(hash((model, method, seed))):016x}"[:16], "status": status,
@@ -249,7 +250,10 @@ def test_build_report(sweep, tmp_path):
     assert "RuntimeError: <boom> & bust" in runs and "CUDA out of memory" in runs
     assert "setup (s)" in runs and str(sweep / "torn") not in runs
 
-    assert len(page.images) == 4
+    assert len(page.images) == 5  # pareto, speed, scaling, memory model, curves
+    assert "memory_model.png" in page.images
+    memory_table = page.tables["runs memmodel"]
+    assert "measured / predicted (median)" in memory_table and "1.25" in memory_table
     from matplotlib.image import imread
     for src in page.images:
         png = out / src

@@ -152,7 +152,8 @@ def foreign_result(tmp: Path) -> Path:
     return result_folder(tmp, json.dumps(golden))
 
 
-H, R, P = "harness", "harness.report", "harness.repro"
+GPT2 = '{"model_type": "gpt2"}'
+H, R, P, PL = "harness", "harness.report", "harness.repro", "harness.plan"
 BAD_INPUT = [
     # entry point, arguments (a function of the test's tmp folder), what the error line says
     (H, lambda t: ["model=tiny-9000"], "unknown model 'tiny-9000' (allowed: llama-3.1-8b, llama-3.2-1b, llama-3.2-3b, path, qwen2.5-0.5b, "
@@ -193,8 +194,21 @@ BAD_INPUT = [
     (P, lambda t: [str(t / "nowhere")], "does not exist"),
     (P, lambda t: [str(t)], "no result.json under"),
     (P, lambda t: [str(result_folder(t, "not json"))], "is not a valid result (JSONDecodeError"),
-    (P, lambda t: [str(foreign_result(t))], "is not a valid result (ValidationError: 2 was expected)"),
+    (P, lambda t: [str(foreign_result(t))], "is not a valid result (ValidationError: 99 is not one of [2, 3])"),
     (P, lambda t: [str(REPO / "tests" / "golden"), "--jobs", "0"], "--jobs 0: must be a positive integer"),
+    (PL, lambda t: ["model=qwen9"], "unknown model 'qwen9' (allowed: llama-3.1-8b"),
+    (PL, lambda t: ["model=qwen2.5-7b", "train.batch_size=0"], "train.batch_size=0: must be a positive integer"),
+    (PL, lambda t: ["train.seq_len=abc"], "train.seq_len='abc': must be a positive integer"),
+    (PL, lambda t: ["train.seq_len=-512"], "train.seq_len=-512: must be a positive integer"),
+    (PL, lambda t: ["train.foo=1"], "Could not override 'train.foo'."),
+    (PL, lambda t: ["train.batch_size=1,2"], "'train.batch_size=1,2': the planner takes one value per key"),
+    (PL, lambda t: ["--gpu-mem=0"], "--gpu-mem='0': give GPU memory sizes in GB, positive numbers"),
+    (PL, lambda t: ["--gpu-mem=lots"], "--gpu-mem='lots': give GPU memory sizes in GB, positive numbers"),
+    (PL, lambda t: ["model=path", "model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': no such model folder"),
+    (PL, lambda t: ["model=path", "model.name_or_path=someorg/somemodel"],
+     "names the Hub id 'someorg/somemodel' and no architecture"),
+    (PL, lambda t: ["model=path", f"model.name_or_path={broken_model_folder(t, config=GPT2)}"],
+     "cannot plan for this model: model_type 'gpt2' (the memory model knows: llama, mistral, qwen2, qwen3)"),
 ]
 
 
@@ -228,6 +242,9 @@ def test_oom_and_diverged_jobs_are_results_and_the_sweep_goes_on(tmp_path):
         (40, 1e30): "oom", (40, 1e-2): "oom", (None, 1e30): "diverged", (None, 1e-2): "ok"}
     oom = found[(40, 1e-2)]
     assert "over memory_limit_mb=40" in oom["error"] and oom["metrics"]["peak_memory_mb"] > 40
+    # the result carries what the memory model says the job needs
+    need = oom["metrics"]["predicted_peak_memory_mb"]
+    assert need > 40 and f"predicted need: {need:,.0f} MiB" in oom["error"]
     diverged = found[(None, 1e30)]
     assert diverged["metrics"]["diverged_step"] < 8 and "loss is nan" in diverged["error"]
     import pandas as pd

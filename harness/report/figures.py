@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 DPI = 110
 GPU_GB = (24, 40, 80, 141)  # common GPU memory sizes, drawn as GB * 1024 MiB
@@ -129,6 +130,43 @@ def scaling_figure(df: pd.DataFrame, summary: pd.DataFrame) -> Figure:
     ax.grid(alpha=0.3, which="both")
     _legend(fig, colors, [Line2D([], [], marker="x", color="red", linestyle="", mew=2,
                                  label="out of memory")])
+    return fig
+
+
+def memory_model_figure(df: pd.DataFrame, summary: pd.DataFrame) -> Figure:
+    """Measured peak memory against the memory model's prediction, one point per job (out of
+    memory jobs: their prediction against the memory they reached, as red crosses)."""
+    colors = method_colors(summary["method"] if not summary.empty else df["method"])
+    fig = Figure(figsize=(6.5, 5), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    cols = ["metrics.predicted_peak_memory_mb", "metrics.peak_memory_mb"]
+    jobs = df.dropna(subset=cols) if set(cols) <= set(df.columns) else df.iloc[0:0]
+    jobs = jobs[jobs[cols].gt(0).all(axis=1)]
+    for method, rows in jobs[jobs["status"] == "ok"].groupby("method"):
+        ax.plot(rows[cols[0]], rows[cols[1]], color=colors.get(method, "grey"), linestyle="", **_marker(method))
+    oom = jobs[jobs["status"] == "oom"]
+    ax.plot(oom[cols[0]], oom[cols[1]], "x", color="red", markersize=9, mew=2, linestyle="")
+    if jobs.empty:
+        ax.text(0.5, 0.5, "no job with both a prediction and a measurement", transform=ax.transAxes,
+                ha="center", color="grey")
+    else:
+        low, high = jobs[cols].min().min() / 1.5, jobs[cols].max().max() * 1.5
+        ax.plot([low, high], [low, high], color="black", linewidth=1)
+        for factor in (0.75, 1.25):
+            ax.plot([low, high], [low * factor, high * factor], color="grey", linestyle=":", linewidth=1)
+        ax.set_xlim(low, high)
+        ax.set_ylim(low, high)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(ScalarFormatter())
+            axis.set_minor_formatter(NullFormatter())
+    ax.set_title("Measured vs predicted peak memory")
+    ax.set_xlabel("predicted peak memory (MiB, harness/memory_model.py)")
+    ax.set_ylabel("measured peak memory (MiB)")
+    ax.grid(alpha=0.3, which="both")
+    _legend(fig, colors, [Line2D([], [], marker="x", color="red", linestyle="", mew=2, label="out of memory")])
     return fig
 
 

@@ -36,6 +36,10 @@ FIGURES = [
      "Mean peak memory of each method against the model's parameter count, on log-log axes. "
      "Dotted lines mark common GPU sizes; red crosses at the top are jobs that ran out of memory (those that did so before their model's "
      "size was known are named in red)."),
+    ("memory_model.png", "Measured vs predicted memory",
+     "Each job's measured peak memory against the analytic memory model's prediction for it "
+     "(harness/memory_model.py, from the config alone). The solid line is equality, the dotted "
+     "lines +-25%. Red crosses: out-of-memory jobs, at the memory they had reached."),
     ("curves.png", "Training curves",
      "Training loss at every optimizer step, averaged over each method's ok seeds."),
 ]
@@ -100,11 +104,11 @@ def run_table(df: pd.DataFrame) -> str:
     """Every job, failed ones included, with its error message."""
     columns = {"model": "model", "method": "method", "seed": "seed", "status": "status",
                "error": "error", "metrics.score": "score", "metrics.peak_memory_mb": "peak memory (MiB)",
-               "metrics.tokens_per_s": "tokens/s"}
+               "metrics.predicted_peak_memory_mb": "predicted (MiB)", "metrics.tokens_per_s": "tokens/s"}
     columns.update({k: v for k, v in WALL if k in df and df[k].notna().any()})
     columns["job_dir"] = "job folder"
     table = df[list(columns)].rename(columns=columns).astype(object)
-    formats = {"score": "{:.3f}", "peak memory (MiB)": "{:,.1f}", "tokens/s": "{:,.0f}",
+    formats = {"score": "{:.3f}", "peak memory (MiB)": "{:,.1f}", "predicted (MiB)": "{:,.1f}", "tokens/s": "{:,.0f}",
                **{v: "{:.1f}" for k, v in WALL}}
     styler = table.style.hide(axis="index").set_uuid("runs").format(
         {k: (lambda x, f=f: _num(x, f)) for k, f in formats.items() if k in table},
@@ -169,6 +173,22 @@ def learning_rate_table(choices: pd.DataFrame) -> str:
     return rows.style.hide(axis="index").set_table_attributes('class="runs"').set_uuid("lrs").to_html()
 
 
+def memory_model_table(df: pd.DataFrame) -> str | None:
+    """Measured / predicted peak memory per method over its ok jobs (None without predictions)."""
+    cols = ["metrics.peak_memory_mb", "metrics.predicted_peak_memory_mb"]
+    ok = df[(df["status"] == "ok")].dropna(subset=cols) if set(cols) <= set(df.columns) else df.iloc[0:0]
+    ok = ok[ok[cols[1]] > 0]
+    if ok.empty:
+        return None
+    ratio = (ok[cols[0]].astype(float) / ok[cols[1]].astype(float)).groupby(ok["method"])
+    table = pd.DataFrame({"jobs": ratio.size(), "median": ratio.median(), "min": ratio.min(),
+                          "max": ratio.max()}).reset_index()
+    table.columns = ["method", "jobs", "measured / predicted (median)", "min", "max"]
+    styler = table.style.hide(axis="index").set_uuid("memmodel").format(
+        {c: "{:.2f}" for c in table.columns[2:]}, escape="html")
+    return styler.set_table_attributes('class="runs memmodel"').to_html()
+
+
 def render_report(df: pd.DataFrame, out_dir: Path, title: str) -> Path:
     """Write results.csv, the figures and index.html for the collected results `df`."""
     out_dir = Path(out_dir)
@@ -181,6 +201,7 @@ def render_report(df: pd.DataFrame, out_dir: Path, title: str) -> Path:
     made = {"pareto.png": figures.pareto_figure(summary, front),
             "speed.png": figures.speed_figure(summary),
             "scaling.png": figures.scaling_figure(df, summary),
+            "memory_model.png": figures.memory_model_figure(all_jobs, summary),
             "curves.png": figures.curves_figure(df, summary)}
     for name, fig in made.items():
         figures.save(fig, out_dir / name)
@@ -193,6 +214,7 @@ def render_report(df: pd.DataFrame, out_dir: Path, title: str) -> Path:
                   for i, m in enumerate(models)],
         figures=FIGURES, notes=cannot_conclude(df, summary, BASELINE),
         learning_rates=Markup(learning_rate_table(choices)) if len(choices) else None,
+        memory_model=Markup(m) if (m := memory_model_table(all_jobs)) else None,
         runs=Markup(run_table(all_jobs)), provenance=provenance(all_jobs))
     index = out_dir / "index.html"
     index.write_text(html)

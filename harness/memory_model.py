@@ -1,0 +1,378 @@
+"""Analytic memory model: the peak training memory of a job, predicted from its config alone.
+
+`predict(arch, method, ...)` takes a model's config.json fields (no weights), a method config
+(conf/method/*.yaml) and the training shape, and returns the predicted peak in MiB with its
+breakdown. The planner (`python -m harness.plan`) and every job (`metrics.predicted_memory`)
+use it. The terms, in bytes (`../shared/reference.md` gathers the sources):
+
+weights      As stored. bf16 2 B and fp32 4 B per parameter. bitsandbytes quantizes the
+             decoder's Linear weights only (not lm_head): LLM.int8 1 B per weight plus one
+             fp32 scale per output row; 4-bit (NF4/FP4) 0.5 B per weight plus one absmax per
+             block of 64 weights, fp32 (4.5 bits per weight), or with double quantization an
+             8-bit absmax plus one fp32 scale per 256 blocks (4 + 8/64 + 32/(64*256) = 4.127
+             bits; QLoRA paper, sec. 3). peft.prepare_model_for_kbit_training casts every
+             other weight of a quantized model to fp32. PEFT keeps adapter weights in fp32
+             (autocast_adapter_dtype).
+gradients    One per trainable parameter, in its dtype.
+optimizer    torch AdamW: two moments in the parameter's dtype (8 B per fp32 parameter).
+             bitsandbytes 8-bit AdamW: 2 B per parameter plus an fp32 absmax per block of 256,
+             for tensors of 4096 elements or more (smaller ones keep fp32 moments). AdaLoRA's
+             rank allocator adds three fp32 importance averages per adapter parameter.
+activations  What autograd saves for the backward pass, per token and layer (a Llama-style
+             decoder layer: RMSNorm, attention, SwiGLU MLP). Korthikanti et al. 2022 (eq. 1)
+             give 34*h + 5*a*s bytes for a GPT layer in 16-bit; this module re-derives the count
+             for the layer as transformers implements it, under bf16 autocast, by what each op
+             saves: each RMSNorm keeps its fp32 input (4h); fused (SDPA) attention keeps q, k, v,
+             its output and an fp32 log-sum-exp per head, and the padding mask (no s*s score
+             matrices; `attention="eager"` adds them); SwiGLU keeps the gate output, its SiLU
+             and the up output (3 intermediate-size tensors). A Linear whose weight trains keeps
+             its bf16 input. Adapters add what they keep per target module (see ADAPTER_SAVES).
+             Virtual tokens: prompt tuning runs v more tokens through every layer; prefix
+             tuning lengthens keys and values to s + v. Gradient checkpointing keeps only each
+             layer's input, and recomputes one layer at a time in the backward pass.
+logits       bf16 logits, the fp32 log-probabilities the loss keeps, and their fp32 gradient
+             at the start of the backward pass: (2 + 4 + 4) * V bytes per token.
+backward     The backward pass's working set in a layer: gradients of two bf16 MLP
+             intermediates and of the fp32 residual stream, (4*I + 4*h) bytes per token.
+autocast     Under bf16 autocast, each fp32 weight that enters a matmul is cast to a bf16 copy
+             that the backward pass keeps (full fine-tuning: 2 B per weight on top of 16).
+overhead     A fixed runtime overhead: on CUDA, the caching allocator's slack and cuBLAS
+             workspaces (torch's peak reserved memory is the headline); on CPU, what the
+             process's allocator and kernels hold besides tensors (measured: see CPU_OVERHEAD).
+
+Peak: the weights and optimizer states live throughout; on top of them comes the larger of
+the forward/backward phase (activations + logits + autocast copies, + gradients already
+accumulated when grad_accum > 1) and the optimizer step (gradients + the step's temporaries:
+torch's multi-tensor AdamW on CUDA makes one more state-sized buffer).
+"""
+
+from __future__ import annotations
+
+MIB = 2**20
+
+# Decoder families whose layer shapes this module knows (Llama-style: RMSNorm, rotary
+# attention with grouped KV heads, SwiGLU MLP). Qwen2 adds biases to q/k/v; Qwen3 adds
+# RMSNorms on q and k.
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+# Fixed runtime overhead in MiB. CPU: measured on tiny-13m (RSS delta minus predicted tensor
+# bytes at batch 16, 2 cores, torch 2.13, glibc mmap threshold 256 KiB: 71-142 MiB by method):
+# the allocator's small-block heap, oneDNN scratch, and the data and evaluation objects. CUDA: the allocator's slack and cuBLAS workspace, an estimate
+# that a GPU run must check (issue 9).
+CPU_OVERHEAD_MB = 88.0
+CUDA_OVERHEAD_MB = 256.0
+# What a GPU holds before the job's first tensor: the CUDA context of torch (not in the job's
+# measured peak, whose baseline is taken after it, but in what must fit on the card).
+CUDA_CONTEXT_MB = 512.0
+
+NF4_BLOCK = 64           # bitsandbytes 4-bit block size (weights per absmax)
+DQ_BLOCK = 256           # double quantization: absmaxes per second-level fp32 scale
+ADAM8BIT_BLOCK = 256     # bitsandbytes 8-bit optimizer block size
+ADAM8BIT_MIN_SIZE = 4096  # smaller tensors keep 32-bit states (bnb min_8bit_size)
+
+
+class UnsupportedModel(ValueError):
+    """The memory model does not know this architecture."""
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def layer_shapes(arch: dict) -> dict:
+    """Shapes of a Llama-style decoder from its config.json fields."""
+    model_type = arch.get("model_type", "llama")
+    if model_type not in MODEL_TYPES:
+        raise UnsupportedModel(f"model_type {model_type!r} (the memory model knows: {', '.join(MODEL_TYPES)})")
+    h = arch["hidden_size"]
+    heads = arch["num_attention_heads"]
+    kv_heads = arch.get("num_key_value_heads") or heads
+    head_dim = arch.get("head_dim") or h // heads
+    q_dim, kv_dim, inter = heads * head_dim, kv_heads * head_dim, arch["intermediate_size"]
+    qkv_bias = model_type == "qwen2" or bool(arch.get("attention_bias"))
+    o_bias = bool(arch.get("attention_bias")) and model_type != "qwen2"
+    mlp_bias = bool(arch.get("mlp_bias"))
+    # (name, in_features, out_features, has_bias) of each Linear of one layer
+    linears = [
+        ("q_proj", h, q_dim, qkv_bias), ("k_proj", h, kv_dim, qkv_bias), ("v_proj", h, kv_dim, qkv_bias),
+        ("o_proj", q_dim, h, o_bias),
+        ("gate_proj", h, inter, mlp_bias), ("up_proj", h, inter, mlp_bias), ("down_proj", inter, h, mlp_bias),
+    ]
+    norms = 2 * h + (2 * head_dim if model_type == "qwen3" else 0)  # per layer
+    return {
+        "hidden": h, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "q_dim": q_dim,
+        "kv_dim": kv_dim, "intermediate": inter, "layers": arch["num_hidden_layers"],
+        "vocab": arch["vocab_size"], "tied": bool(arch.get("tie_word_embeddings", False)),
+        "linears": linears, "norm_params": norms,
+    }
+
+
+def parameter_count(arch: dict) -> int:
+    """All parameters of the model (embeddings, lm_head unless tied, decoder, final norm)."""
+    s = layer_shapes(arch)
+    per_layer = sum(i * o + (o if b else 0) for _, i, o, b in s["linears"]) + s["norm_params"]
+    embed = s["vocab"] * s["hidden"]
+    return embed * (1 if s["tied"] else 2) + s["layers"] * per_layer + s["hidden"]
+
+
+def targeted(shapes: dict, target_modules) -> list[tuple[str, int, int, bool]]:
+    """The Linear layers of one decoder layer that a PEFT `target_modules` selects."""
+    if target_modules in ("all-linear", None):
+        return shapes["linears"]
+    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    return [lin for lin in shapes["linears"] if lin[0] in names]
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def adapter_params(shapes: dict, peft: dict | None) -> tuple[int, int]:
+    """(trainable adapter parameters, frozen adapter buffers) of a PEFT config, whole model."""
+    if not peft:
+        return 0, 0
+    kind, layers = peft["peft_type"], shapes["layers"]
+    mods = targeted(shapes, peft.get("target_modules"))
+    if kind == "LORA":
+        r = peft.get("r", 8)
+        per_layer = sum(r * (i + o) + (o if peft.get("use_dora") else 0) for _, i, o, _ in mods)
+        return layers * per_layer, 0
+    if kind == "ADALORA":  # P (r x in), Q (out x r), the singular values E (r), and the
+        r = peft.get("init_r", 12)  # rank count, a one-element parameter PEFT marks trainable
+        return layers * sum(r * (i + o) + r + 1 for _, i, o, _ in mods), 0
+    if kind == "IA3":  # one scaling vector per module: of the input for feedforward modules
+        ff = set(peft.get("feedforward_modules") or [])
+        return layers * sum(i if name in ff else o for name, i, o, _ in mods), 0
+    if kind == "VERA":  # per module lambda_b (out) and lambda_d (r); shared random A and B
+        r = peft.get("r", 256)
+        max_in, max_out = max(i for _, i, _, _ in mods), max(o for _, _, o, _ in mods)
+        return layers * sum(o + r for _, _, o, _ in mods), r * max_in + max_out * r
+    if kind == "PROMPT_TUNING":
+        return peft["num_virtual_tokens"] * shapes["hidden"], 0
+    if kind == "PREFIX_TUNING":  # a key and a value per layer and virtual token (KV heads)
+        if peft.get("prefix_projection"):
+            raise UnsupportedModel("prefix tuning with prefix_projection is not modelled")
+        return peft["num_virtual_tokens"] * layers * 2 * shapes["kv_dim"], 0
+    raise UnsupportedModel(f"peft_type {kind!r} is not modelled")
+
+
+def weight_bytes(shapes: dict, method: dict) -> dict:
+    """Bytes of the model's weights as stored, and the parameter counts behind them."""
+    quant = method.get("quantization") or {}
+    base_bytes = 4 if method["base_dtype"] == "float32" else 2
+    layers, h, vocab = shapes["layers"], shapes["hidden"], shapes["vocab"]
+    linear_weights = layers * sum(i * o for _, i, o, _ in shapes["linears"])
+    other = (layers * (sum(o for _, _, o, b in shapes["linears"] if b) + shapes["norm_params"])
+             + h + vocab * h * (1 if shapes["tied"] else 2))  # biases, norms, embeddings, lm_head
+    if quant.get("load_in_4bit"):
+        blocks = linear_weights / NF4_BLOCK
+        if quant.get("bnb_4bit_use_double_quant"):
+            scales = blocks * 1 + blocks / DQ_BLOCK * 4  # 8-bit absmax + fp32 second-level scales
+        else:
+            scales = blocks * 4
+        # lookup tables, per layer: the 4-bit code (16 fp32), and with double quantization the
+        # 8-bit code of the absmaxes (256 fp32) and their fp32 offset
+        modules = layers * len(shapes["linears"])
+        tables = modules * (16 * 4 + (256 * 4 + 4 if quant.get("bnb_4bit_use_double_quant") else 0))
+        base = linear_weights / 2 + scales + tables + other * 4  # other weights cast to fp32 (kbit prep)
+    elif quant.get("load_in_8bit"):
+        rows = layers * sum(o for _, _, o, _ in shapes["linears"])
+        base = linear_weights + rows * 4 + other * 4
+    else:
+        base = (linear_weights + other) * base_bytes
+    trainable, buffers = adapter_params(shapes, method.get("peft"))
+    if not method.get("peft"):
+        trainable = linear_weights + other
+    adapter = trainable * 4 if method.get("peft") else 0
+    return {
+        "weights": base + adapter + buffers * 4,
+        "trainable_params": trainable,
+        "trainable_bytes_per_param": 4 if method.get("peft") else base_bytes,
+        "linear_weights": linear_weights,
+        "quantized": bool(quant),
+    }
+
+
+def optimizer_bytes(trainable: int, bytes_per_param: int, optimizer: str, largest_tensor: int) -> float:
+    if optimizer == "adamw":
+        return 2 * trainable * bytes_per_param
+    # bitsandbytes 8-bit: tensors below min_8bit_size keep fp32 states; assume the big ones do not
+    small = min(trainable, ADAM8BIT_MIN_SIZE) if largest_tensor < ADAM8BIT_MIN_SIZE else 0
+    big = trainable - small
+    return big * 2 + 2 * (big / ADAM8BIT_BLOCK) * 4 + small * 8
+
+
+# --------------------------------------------------------------------------- activations
+
+# Bytes an adapter module keeps per token for the backward pass, as multiples of its input
+# width (in), output width (out) and rank (r), with c the compute dtype's bytes. PEFT casts the
+# module input to the adapter's fp32; dropout then keeps its mask (CPU: an fp32 noise tensor;
+# CUDA: a bool mask), and the adapter's first matmul keeps its bf16 input.
+def adapter_saves(peft: dict, name: str, fan_in: int, fan_out: int, c: int, device: str) -> float:
+    kind = peft["peft_type"]
+    mask_bytes = 4 if device == "cpu" else 1
+    if kind in ("LORA", "ADALORA"):
+        r = peft.get("r", 8) if kind == "LORA" else peft.get("init_r", 12)
+        dropout = peft.get("lora_dropout", 0.0) or 0.0
+        saved = (mask_bytes * fan_in if dropout > 0 else 0) + c * fan_in + c * r
+        if kind == "ADALORA":  # divides the adapter's output by the rank count
+            saved += c * fan_out
+        if peft.get("use_dora"):  # rescales base and adapter outputs by the weight norm
+            saved += 2 * c * fan_out
+        return saved
+    if kind == "IA3":  # scales the fp32 input (feedforward) or the output
+        return 4 * fan_in if name in (peft.get("feedforward_modules") or []) else c * fan_out
+    if kind == "VERA":
+        r = peft.get("r", 256)
+        dropout = peft.get("vera_dropout", 0.0) or 0.0
+        return (mask_bytes * fan_in if dropout > 0 else 0) + c * fan_out + 2 * c * r
+    return 0.0
+
+
+def adapter_weight_saves(peft: dict, fan_in: int, fan_out: int, c: int) -> float:
+    """Weight-sized tensors an adapter module keeps for the backward pass, whatever the batch:
+    VeRA casts its slices of the shared random A (r x in) and B (out x r) to bf16 in every
+    module; DoRA with dropout recomputes the base output from a bf16 copy of the weight."""
+    if peft["peft_type"] == "VERA":
+        return c * peft.get("r", 256) * (fan_in + fan_out)
+    if peft["peft_type"] == "LORA" and peft.get("use_dora") and (peft.get("lora_dropout") or 0) > 0:
+        return c * fan_in * fan_out
+    return 0.0
+
+
+def layer_activation_bytes(shapes: dict, method: dict, *, tokens: float, seq: float, context: float,
+                           compute_bytes: int, device: str, attention: str, padded: bool) -> float:
+    """Bytes one decoder layer keeps for the backward pass, for `tokens` tokens in sequences of
+    `seq` tokens attending to `context` positions (seq + virtual prefix)."""
+    c = compute_bytes
+    h, q_dim, kv_dim, inter, heads = (shapes[k] for k in ("hidden", "q_dim", "kv_dim", "intermediate", "heads"))
+    quantized = bool(method.get("quantization"))
+    full = not method.get("peft")
+    base_is_fp32 = method["base_dtype"] == "float32"
+    residual = 4 if (base_is_fp32 or quantized) else c  # kbit prep casts norms and embeddings to fp32
+    # bitsandbytes layers return their input's dtype (fp32 after kbit prep); others, autocast's
+    linear_out = residual if quantized else c
+
+    per_token = 0.0
+    # RMSNorm (x2): the fp32 input and 1/rms; a trained norm weight also keeps the normalized x
+    per_token += 2 * (4 * h + 4 + (residual * h if full else 0))
+    # Attention: SDPA keeps q, k, v, its output, an fp32 log-sum-exp per head, and the padding
+    # mask; with a mask, transformers repeats grouped KV heads to all heads first.
+    kv_kept = q_dim if (padded and kv_dim != q_dim) else kv_dim
+    ctx = context / seq
+    per_token += c * q_dim + 2 * c * kv_kept * ctx + c * q_dim + 4 * heads
+    if padded:
+        per_token += c * context  # one bf16 mask row per token
+    if attention == "eager":  # scores and probabilities: heads x context per token
+        per_token += 2 * c * heads * context
+    # SwiGLU MLP: gate output (SiLU input), SiLU output, up output
+    per_token += 3 * linear_out * inter
+    if full:  # every Linear keeps its bf16 input; fp32 inputs are cast once per Linear
+        casts_per_input = 1 if residual == c else None
+        qkv_in = c * h * (casts_per_input or 3)
+        gate_up_in = c * h * (casts_per_input or 2)
+        per_token += qkv_in + gate_up_in + c * q_dim + c * inter  # + o_proj and down_proj inputs
+    peft = method.get("peft")
+    if peft:
+        for name, fan_in, fan_out, _ in targeted(shapes, peft.get("target_modules")):
+            if peft["peft_type"] in ("LORA", "ADALORA", "IA3", "VERA"):
+                per_token += adapter_saves(peft, name, fan_in, fan_out, c, device)
+    fixed = sum(adapter_weight_saves(peft, i, o, c) for _, i, o, _ in targeted(shapes, peft.get("target_modules"))) \
+        if peft else 0.0
+    return per_token * tokens + fixed
+
+
+def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device: str = "cuda",
+            precision: str = "bf16", gradient_checkpointing: bool = False, grad_accum: int = 1,
+            attention: str = "sdpa", padded: bool = True) -> dict:
+    """Predicted peak training memory (MiB) and its breakdown; see the module docstring.
+
+    `seq_len` is the tokens of one sequence (the longest in a batch); `device` is "cuda" or
+    "cpu" (dropout masks and the runtime overhead differ); `padded` says whether batches
+    carry a padding mask.
+    """
+    device = "cpu" if str(device).startswith("cpu") else "cuda"
+    shapes = layer_shapes(arch)
+    w = weight_bytes(shapes, method)
+    peft = method.get("peft") or {}
+    virtual = peft.get("num_virtual_tokens") or 0
+    prompt = virtual if peft.get("peft_type") == "PROMPT_TUNING" else 0
+    prefix = virtual if peft.get("peft_type") == "PREFIX_TUNING" else 0
+    c = 2 if precision == "bf16" else (4 if method["base_dtype"] == "float32" else 2)
+    seq = seq_len + prompt                 # positions each layer processes
+    tokens = batch_size * seq
+    layers = shapes["layers"]
+
+    one_layer = layer_activation_bytes(shapes, method, tokens=tokens, seq=seq, context=seq + prefix,
+                                       compute_bytes=c, device=device, attention=attention, padded=padded)
+    residual = 4 if (method["base_dtype"] == "float32" or method.get("quantization")) else c
+    if gradient_checkpointing:  # each layer's input, plus one layer recomputed in the backward
+        activations = layers * tokens * shapes["hidden"] * residual + one_layer
+    else:
+        activations = layers * one_layer
+    logits = tokens * shapes["vocab"] * (2 + 4 + 4)
+    # the backward pass's working set while it runs through a layer: gradients of the MLP's
+    # bf16 intermediates (two at a time) and of the fp32 residual stream
+    backward_working = tokens * (2 * c * shapes["intermediate"] + 4 * shapes["hidden"])
+
+    trainable, tbytes = w["trainable_params"], w["trainable_bytes_per_param"]
+    gradients = trainable * tbytes
+    largest = max(i * o for _, i, o, _ in shapes["linears"])
+    if not peft:
+        largest = max(largest, shapes["vocab"] * shapes["hidden"])
+    optimizer_name = method.get("optimizer", {}).get("name", "adamw")
+    optimizer = optimizer_bytes(trainable, tbytes, optimizer_name, largest)
+    if peft.get("peft_type") == "ADALORA":  # its rank allocator keeps three importance EMAs
+        optimizer += 3 * trainable * 4
+    # bf16 copies of fp32 weights that enter matmuls under autocast (kept for the backward)
+    autocast_copies = 0.0
+    if precision == "bf16":
+        lm_head = shapes["vocab"] * shapes["hidden"]
+        if not peft and method["base_dtype"] == "float32":
+            autocast_copies = 2 * (w["linear_weights"] + lm_head)
+        else:
+            autocast_copies = 2 * trainable if peft.get("peft_type") in ("LORA", "ADALORA", "VERA") else 0
+            if method.get("quantization"):  # kbit prep leaves lm_head in fp32
+                autocast_copies += 2 * lm_head
+    # dequantized weight of the layer being computed (bitsandbytes), forward or backward
+    dequant = 2 * largest if method.get("quantization") else 0
+    accumulated = gradients if grad_accum > 1 else 0
+    forward_backward = activations + logits + backward_working + autocast_copies + dequant + accumulated
+    # the step: multi-tensor AdamW (CUDA) builds a state-sized temporary; the per-tensor loop
+    # (CPU) one tensor's worth
+    if optimizer_name == "adamw":
+        step_temp = trainable * tbytes if device == "cuda" else min(trainable, largest) * tbytes
+    else:
+        step_temp = 0
+    step = gradients + step_temp
+    overhead = (CPU_OVERHEAD_MB if device == "cpu" else CUDA_OVERHEAD_MB) * MIB
+    peak = w["weights"] + optimizer + max(forward_backward, step) + overhead
+    mb = lambda b: b / MIB  # noqa: E731
+    return {
+        "peak_mb": mb(peak),
+        "weights_mb": mb(w["weights"]),
+        "gradients_mb": mb(gradients),
+        "optimizer_mb": mb(optimizer),
+        "activations_mb": mb(activations),
+        "logits_mb": mb(logits),
+        "backward_working_mb": mb(backward_working),
+        "autocast_copies_mb": mb(autocast_copies),
+        "overhead_mb": mb(overhead),
+        "peak_phase": "forward_backward" if forward_backward >= step else "optimizer_step",
+        "trainable_params": trainable,
+        "weight_bytes": w["weights"],
+    }
+
+
+def max_batch_size(arch: dict, method: dict, budget_mb: float, *, seq_len: float, limit: int = 1 << 16,
+                   **kwargs) -> int:
+    """The largest batch size whose predicted peak fits in `budget_mb` (0 if none does)."""
+    fits = lambda b: predict(arch, method, batch_size=b, seq_len=seq_len, **kwargs)["peak_mb"] <= budget_mb  # noqa: E731
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:  # fits(lo) and not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo

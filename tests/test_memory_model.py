@@ -1,0 +1,206 @@
+"""The analytic memory model against what PyTorch really holds, and the fit planner."""
+
+import functools
+import json
+import subprocess
+import sys
+import time
+import weakref
+
+import pytest
+
+from conftest import REPO, cli, compose, results_under
+from harness import memory_model
+
+CORE = ["qlora", "lora8", "lora", "adalora", "prompt", "prefix", "full"]
+
+
+def plan_cli(*args, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness.plan", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+class LiveTensorBytes:
+    """Peak bytes of tensor storages created in its context and alive at the same time (a
+    TorchDispatchMode: it sees every op's outputs, on any device)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker.record(args, kwargs, out)
+                return out
+
+        self.mode, self.live, self.peak, self.ids = Mode(), 0, 0, set()
+
+    def record(self, args, kwargs, out):
+        import torch
+        from torch.utils._pytree import tree_flatten
+
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            if id(storage) in self.ids or storage.nbytes() == 0 or storage.data_ptr() in inputs:
+                continue  # already counted, empty, or an in-place result
+            self.ids.add(id(storage))
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self.free, id(storage), storage.nbytes())
+
+    def free(self, key, nbytes):
+        self.live -= nbytes
+        self.ids.discard(key)
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("method", CORE + ["dora", "ia3", "vera"])
+def test_predicted_step_memory_matches_the_tensors_pytorch_holds(method, model_cache):
+    """One training step's new tensors (activations, logits, gradients, temporaries) at
+    their peak, tracked op by op, against the model's forward/backward and step terms."""
+    import torch
+
+    from harness.measure import weight_bytes
+    from harness.methods import apply_method, make_optimizer
+    from harness.models import load_model, resolve_model_source
+
+    cfg = compose(["model=tiny-5m", f"method={method}"])
+    m = cfg["method"]
+    model = load_model(resolve_model_source(cfg["model"]), None, dtype=getattr(torch, m["base_dtype"]),
+                       quantization=m.get("quantization"), device=torch.device("cpu"))
+    model = apply_method(model, m, max_steps=100, gradient_checkpointing=False)
+    optimizer = make_optimizer(model, m["optimizer"], 1e-4, 0.0)
+    batch, seq = 8, 24
+    ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0  # a padded batch, as the harness's batches are
+    autocast = functools.partial(torch.autocast, device_type="cpu", dtype=torch.bfloat16)
+
+    def step():
+        with autocast():
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # optimizer states exist from here on, as in every later step
+    with LiveTensorBytes() as tracked:
+        step()
+    p = memory_model.predict(model.config.to_dict(), m, batch_size=batch, seq_len=seq, device="cpu")
+    predicted = max(p["activations_mb"] + p["logits_mb"] + p["backward_working_mb"] + p["autocast_copies_mb"],
+                    p["gradients_mb"])
+    measured = tracked.peak / 2**20
+    assert predicted == pytest.approx(measured, rel=0.15), (predicted, measured)
+    # persistent memory: weights and optimizer states, to the byte or nearly
+    assert p["weight_bytes"] == pytest.approx(weight_bytes(model)["weight_bytes"], rel=0.02)
+    states = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                 if isinstance(t, torch.Tensor))
+    extra = 3 * p["trainable_params"] * 4 if m["peft"] and m["peft"]["peft_type"] == "ADALORA" else 0
+    assert p["optimizer_mb"] * 2**20 - extra == pytest.approx(states, rel=0.02)
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def test_parameter_count_of_a_tiny_model_matches_the_built_model(model_cache):
+    import torch
+
+    from harness.models import build_tiny_model
+
+    folder = build_tiny_model(compose(["model=tiny-13m"])["model"]["tiny"])
+    arch = json.loads((folder / "config.json").read_text())
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    assert memory_model.parameter_count(arch) == sum(p.numel() for p in model.parameters())
+
+
+def test_unknown_architectures_are_refused_by_name():
+    with pytest.raises(memory_model.UnsupportedModel, match="gpt2"):
+        memory_model.predict({"model_type": "gpt2"}, compose()["method"], batch_size=1, seq_len=8)
+
+
+def test_memory_grows_with_batch_and_shrinks_with_checkpointing():
+    arch = json.loads((REPO / "harness/architectures/llama-3.2-1b.json").read_text())
+    method = compose(["method=lora"])["method"]
+    small, big = (memory_model.predict(arch, method, batch_size=b, seq_len=512)["peak_mb"] for b in (1, 8))
+    checkpointed = memory_model.predict(arch, method, batch_size=8, seq_len=512, gradient_checkpointing=True)
+    assert small < big and checkpointed["peak_mb"] < big
+    assert checkpointed["activations_mb"] < memory_model.predict(arch, method, batch_size=8, seq_len=512)["activations_mb"] / 4
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def test_predicted_peak_is_within_25_percent_of_measured_rss(tmp_path):
+    """Every core method on the largest tiny model at two batch sizes, each job in its own
+    process: the job's recorded prediction against its peak RSS delta."""
+    run = cli(["-m", "model=tiny-13m", f"method={','.join(CORE)}", "train.batch_size=16,64",
+               "train.max_steps=3", "train.warmup_steps=1", "measure.warmup_steps=1", "eval.before=false",
+               "eval.validation=false", "task.n_test=8", "report.enabled=false",
+               f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = results_under(tmp_path)
+    assert len(rows) == 14
+    ratios = {}
+    for r in rows:
+        m = r["metrics"]
+        assert r["status"] == "ok", r["error"]
+        ratios[(r["method"], r["config"]["train"]["batch_size"])] = m["predicted_peak_memory_mb"] / m["peak_memory_mb"]
+        assert set(m["predicted_memory"]) >= {"weights_mb", "gradients_mb", "optimizer_mb", "activations_mb",
+                                              "logits_mb", "overhead_mb"}
+        # the measured weights are the predicted ones (within 2%)
+        assert m["predicted_memory"]["weight_bytes"] == pytest.approx(m["weight_bytes"], rel=0.02)
+    print("predicted / measured:", {f"{k[0]}@{k[1]}": round(v, 2) for k, v in sorted(ratios.items())})
+    assert all(0.75 <= v <= 1.25 for v in ratios.values()), ratios
+
+
+# --------------------------------------------------------------------------- planner
+
+
+def test_planner_orders_methods_and_says_what_fits_on_a_7b_model():
+    started = time.perf_counter()
+    run = plan_cli("model=qwen2.5-7b", "train.batch_size=1", "train.seq_len=512", "--json")
+    elapsed = time.perf_counter() - started
+    assert run.returncode == 0, run.stderr
+    assert elapsed < 5, f"the planner took {elapsed:.1f} s"
+    rows = {r["method"]: r for r in json.loads(run.stdout)}
+    assert set(rows) == {p.stem for p in (REPO / "conf/method").glob("*.yaml")}
+    peak = {m: rows[m]["peak_mb"] for m in rows}
+    assert peak["full"] > peak["lora"] > peak["lora8"] > peak["qlora"]
+    assert not rows["full"]["fits_80"] and rows["full"]["max_batch_80"] == 0
+    assert rows["qlora"]["fits_24"] and rows["qlora"]["max_batch_24"] >= 1
+    for r in rows.values():  # a bigger GPU never fits a smaller batch
+        assert r["max_batch_24"] <= r["max_batch_40"] <= r["max_batch_80"] <= r["max_batch_141"]
+        assert r["fits_24"] == (r["max_batch_24"] >= 1)
+
+
+def test_planner_table_with_custom_gpu_sizes():
+    run = plan_cli("model=llama-3.2-1b", "train.seq_len=1024", "--gpu-mem", "16,48")
+    assert run.returncode == 0, run.stderr
+    assert "16GB" in run.stdout and "48GB" in run.stdout and "141GB" not in run.stdout
+    assert "qlora" in run.stdout and "seq 1024" in run.stdout
+    # the largest batch the planner names for a method fits, and one more does not
+    arch = json.loads((REPO / "harness/architectures/llama-3.2-1b.json").read_text())
+    method = compose(["method=qlora"])["method"]
+    budget = 16 * 1024 - memory_model.CUDA_CONTEXT_MB
+    best = memory_model.max_batch_size(arch, method, budget, seq_len=1024)
+    assert best >= 1
+    assert memory_model.predict(arch, method, batch_size=best, seq_len=1024)["peak_mb"] <= budget
+    assert memory_model.predict(arch, method, batch_size=best + 1, seq_len=1024)["peak_mb"] > budget
