@@ -106,7 +106,7 @@ def summary(result: dict, path: Path) -> str:
             f"{' | ' + result['error'] if result['error'] else ''}\n  result: {path}")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def run(cfg: DictConfig) -> str:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir).resolve()

@@ -145,6 +145,7 @@ def validate(cfg: dict) -> None:
     _number(cfg, "train.max_grad_norm")
     _choice(cfg, "train.schedule", SCHEDULES)
     _choice(cfg, "train.precision", PRECISIONS)
+    _choice(cfg, "budget", ("default", "params", "memory"))
     _positive_int(cfg, "measure.warmup_steps", minimum=0)
     _number(cfg, "measure.sample_interval_s", positive=True)
     if _get(cfg, "measure.cpu_mmap_threshold_kb") is not None:

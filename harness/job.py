@@ -133,6 +133,26 @@ def training_flops(model, model_config, method: dict, examples: list[dict], devi
     return flops.utilization(per_token, tokens_per_s, name)
 
 
+def sized_for_budget(model_config, method: dict, budget_name: str, tcfg: dict, longest: int, device):
+    """The method with its size knob matched to QLoRA's trainable parameters or predicted
+    memory (harness/budget.py), and a record of what was done."""
+    from harness import budget, memory_model
+
+    positions = getattr(model_config, "max_position_embeddings", None)
+    try:
+        sized, info = budget.match(method, model_config.to_dict(), budget_name, batch_size=tcfg["batch_size"],
+                                   seq_len=longest, limit=positions - tcfg["seq_len"] if positions else None,
+                                   device=device.type, precision=tcfg["precision"],
+                                   gradient_checkpointing=tcfg["gradient_checkpointing"], grad_accum=tcfg["grad_accum"])
+    except memory_model.UnsupportedModel as e:
+        raise ConfigError(f"budget={budget_name} sizes methods with the memory model, which cannot model this one: {e}")
+    if info["matched"]:
+        log.info("budget=%s: %s=%s (default %s)", budget_name, info["knob"], info["value"], info["default"])
+    else:
+        log.warning("budget=%s: not matched, running the method's own settings: %s", budget_name, info["reason"])
+    return sized, info
+
+
 def predicted_memory(model_config, method: dict, tcfg: dict, longest: int, device) -> dict:
     """The memory model's prediction for this job (harness/memory_model.py): the peak in MiB
     and its breakdown, for the longest batch (padded to its longest example)."""
@@ -184,8 +204,12 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     if not examples:
         raise ConfigError(f"train.seq_len={tcfg['seq_len']} is shorter than every training example")
     metrics["train_examples"], metrics["train_examples_dropped"] = len(examples), dropped
+    longest = max(len(e["input_ids"]) for e in examples)
+    if config.get("budget", "default") != "default":  # size the method to QLoRA's budget
+        method, metrics["budget"] = sized_for_budget(model_config, method, config["budget"], tcfg, longest, device)
+        check_method_applies(method, model_config, tcfg["seq_len"], device)
     # The prediction comes before the model loads, so an out-of-memory result carries it too.
-    metrics.update(predicted_memory(model_config, method, tcfg, max(len(e["input_ids"]) for e in examples), device))
+    metrics.update(predicted_memory(model_config, method, tcfg, longest, device))
     model = load_model(source, model_cfg["revision"], dtype=getattr(torch, method["base_dtype"]),
                        quantization=method.get("quantization"), device=device,
                        trust_remote_code=model_cfg.get("trust_remote_code", False))

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the way tiny models are built changes, so old cache entries are not reused.
 TINY_BUILD_VERSION = 1
+RANDOM_BUILD_VERSION = 2  # 2: fast fill (fill_random)
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
@@ -174,7 +175,7 @@ def build_random_model(architecture: dict, seed: int, vocab_size: int = 512) -> 
     bf16 weights and a small local tokenizer, so a real-size model can be measured with no
     download. Weights are initialized once, on the GPU if there is one, then loaded with
     `from_pretrained` like any checkpoint (quantized methods get real bitsandbytes layers)."""
-    key = json.dumps({"build": TINY_BUILD_VERSION, "arch": architecture, "seed": seed, "vocab": vocab_size},
+    key = json.dumps({"build": RANDOM_BUILD_VERSION, "arch": architecture, "seed": seed, "vocab": vocab_size},
                      sort_keys=True)
     target = cache_root() / "random-models" / hashlib.sha256(key.encode()).hexdigest()[:12]
     if (target / "config.json").is_file():
@@ -191,13 +192,35 @@ def build_random_model(architecture: dict, seed: int, vocab_size: int = 512) -> 
                       pad_token_id=tokenizer.pad_token_id)
         config = AutoConfig.for_model(**fields)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        with torch.random.fork_rng(devices=[]), torch.device(device):
-            torch.manual_seed(seed)
+        with torch.device("meta"):  # shapes only: transformers' own init would take minutes at 7B
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.to_empty(device=device)
+        fill_random(model, std=getattr(config, "initializer_range", 0.02), seed=seed)
+        model.tie_weights()
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
     return save_into_place(target, save)
+
+
+def fill_random(model, std: float, seed: int, block: int = 1 << 22) -> None:
+    """Matrices from N(0, std), biases 0, norm weights 1, as transformers initializes a new
+    model, but fast: each matrix repeats one block of 4M normal draws (the values of a
+    random-weight model only have to be plausible: it measures memory and speed)."""
+    import torch
+
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            if p.dim() < 2:
+                p.fill_(0.0 if name.endswith("bias") else 1.0)
+                continue
+            generator = torch.Generator(device=p.device).manual_seed(seed)
+            draws = torch.empty(min(block, p.numel()), dtype=p.dtype, device=p.device)
+            draws.normal_(0.0, std, generator=generator)
+            flat = p.view(-1)
+            for start in range(0, flat.numel(), draws.numel()):
+                end = min(start + draws.numel(), flat.numel())
+                flat[start:end] = draws[: end - start]
 
 
 # --------------------------------------------------------------------------- loading

@@ -47,5 +47,39 @@ def cli(args, cwd: Path, timeout=300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+def run_cli(args, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m harness ARGS` run inside the test process: the same code from the command
+    line on (Hydra, input checks, resume, each job in a fresh process forked from the job
+    server, the report), without starting a new interpreter and job server for every call:
+    the server is started once per test session. Returns the exit code and what the app
+    itself printed (job processes print to the session's own stderr)."""
+    import contextlib
+    import io
+    import signal
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    import harness.__main__ as app
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = os.getcwd(), sys.argv, signal.getsignal(signal.SIGTERM)
+    app.failed_jobs.clear()
+    code = 0
+    try:
+        os.chdir(cwd)
+        sys.argv = ["harness", *map(str, args)]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                app.main()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.chdir(saved[0])
+        sys.argv = saved[1]
+        signal.signal(signal.SIGTERM, saved[2])
+        GlobalHydra.instance().clear()
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def results_under(folder: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.rglob("result.json"))]

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import FAST, cli, results_under
+from conftest import FAST, cli, results_under, run_cli
 from harness import results
 
 
@@ -33,8 +33,8 @@ def test_sweep_runs_each_job_in_its_own_process_and_ends_with_a_report(tmp_path)
     # One model setting cannot load (a Hub id, offline): those jobs fail, the rest of the sweep
     # runs, the report shows the failures with their reason, and the exit code says "error".
     sweep = tmp_path / "sweep"
-    proc = cli(["-m", "method=lora,prompt", "model.name_or_path=null,no-such-org/no-such-model", "seed=0",
-                *FAST, "train.max_steps=6", "eval.before=false", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    proc = run_cli(["-m", "method=lora,prompt", "model.name_or_path=null,no-such-org/no-such-model", "seed=0",
+                    *FAST, "train.max_steps=6", "eval.before=false", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
     found = results_under(sweep)
     assert sorted((r["method"], r["status"]) for r in found) == [
@@ -96,7 +96,7 @@ def test_method_that_cannot_apply_is_a_config_error(tmp_path, args, message):
 
 def test_failing_job_writes_an_error_result_and_exits_1(tmp_path):
     # A Hub id cannot load offline: the job fails after it started, so it is a result.
-    proc = cli(["model=path", "model.name_or_path=no-such-org/no-such-model", *FAST], cwd=tmp_path, timeout=120)
+    proc = run_cli(["model=path", "model.name_or_path=no-such-org/no-such-model", *FAST], cwd=tmp_path)
     assert proc.returncode == 1
     (result,) = results_under(tmp_path / "outputs")
     results.validate(result)
@@ -106,8 +106,8 @@ def test_failing_job_writes_an_error_result_and_exits_1(tmp_path):
 
 def test_named_sweep_with_command_line_overrides(tmp_path):
     """sweep=ci picks the grid; comma lists and keys on the command line override it."""
-    proc = cli(["-m", "sweep=ci", "method=lora", "model=tiny-1m", "seed=3", *FAST, "train.max_steps=4"],
-               cwd=tmp_path)
+    proc = run_cli(["-m", "sweep=ci", "method=lora", "model=tiny-1m", "seed=3", *FAST, "train.max_steps=4"],
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     (sweep_dir,) = (tmp_path / "outputs" / "sweeps").iterdir()
     assert sweep_dir.name.startswith("ci_")

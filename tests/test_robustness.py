@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, REPO, cli, results_under
+from conftest import FAST, REPO, cli, results_under, run_cli
 
 
 def start(args, cwd: Path) -> subprocess.Popen:
@@ -28,7 +28,7 @@ def wait_for(predicate, timeout=120.0):
     raise AssertionError("timed out")
 
 
-SWEEP = ["-m", "method=lora,prompt,full,prefix", *FAST, "train.max_steps=15", "eval.before=false",
+SWEEP = ["-m", "method=lora,prompt,full,prefix", *FAST, "train.max_steps=10", "eval.before=false",
          "report.enabled=false"]
 
 
@@ -42,7 +42,7 @@ def test_sweep_killed_during_its_third_job_resumes_without_rerunning_finished_jo
     first = {p.parent.name: json.loads(p.read_text()) for p in sweep.rglob("result.json")}
     assert set(first) == {"0_tiny-1m_lora_arithmetic_s0", "1_tiny-1m_prompt_arithmetic_s0"}
 
-    rerun = cli(args, cwd=tmp_path)
+    rerun = run_cli(args, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     output = rerun.stdout + rerun.stderr
     after = {p.parent.name: json.loads(p.read_text()) for p in sweep.rglob("result.json")}
@@ -59,9 +59,9 @@ def test_sweep_killed_during_its_third_job_resumes_without_rerunning_finished_jo
 def test_changing_a_training_key_reruns_the_affected_jobs_only(tmp_path):
     sweep = tmp_path / "sweep"
     common = ["-m", "method=lora", *FAST, "eval.before=false", "report.enabled=false", f"hydra.sweep.dir={sweep}"]
-    assert cli([*common, "train.max_steps=4,5"], cwd=tmp_path).returncode == 0
+    assert run_cli([*common, "train.max_steps=4,5"], cwd=tmp_path).returncode == 0
     before = {r["config"]["train"]["max_steps"]: r for r in results_under(sweep)}
-    proc = cli([*common, "train.max_steps=4,6"], cwd=tmp_path)
+    proc = run_cli([*common, "train.max_steps=4,6"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     after = {r["config"]["train"]["max_steps"]: r for r in results_under(sweep)}
     assert set(after) == {4, 6}
@@ -162,7 +162,7 @@ BAD_INPUT = [
      "unknown method 'qlora4' (allowed: adalora, dora, full, full-adam8bit, full-paged, ia3, loftq, lora, lora8, "
      "pissa, prefix, prompt, qdora, qlora, qlora-fp4, rslora, vera)"),
     (H, lambda t: ["task=gsm9k"], "unknown task 'gsm9k' (allowed: arithmetic)"),
-    (H, lambda t: ["-m", "sweep=nightly"], "unknown sweep 'nightly' (allowed: ci, qlora-vs-all)"),
+    (H, lambda t: ["-m", "sweep=nightly"], "unknown sweep 'nightly' (allowed: ci, equal-budget, qlora-vs-all)"),
     (H, lambda t: ["method=lora", "method.peft.r=0"], "method.peft.r=0: must be a positive integer"),
     (H, lambda t: ["train.max_steps=0"], "train.max_steps=0: must be a positive integer"),
     (H, lambda t: ["train.batch_size=-4"], "train.batch_size=-4: must be a positive integer"),
@@ -182,6 +182,7 @@ BAD_INPUT = [
      "no *.safetensors weights (the harness loads safetensors only"),
     (H, lambda t: ["model.trust_remote_code=maybe"], "model.trust_remote_code='maybe': must be true or false"),
     (H, lambda t: ["memory_limit_mb=-5"], "memory_limit_mb=-5: must be a positive number"),
+    (H, lambda t: ["budget=rank"], "budget='rank': allowed values are default, params, memory"),
     (H, lambda t: ["hydra.run.dir=/proc/harness-out"], "output folder /proc/harness-out cannot be created"),
     (H, lambda t: ["-m", "hydra.sweep.dir=/proc/harness-sweep", "seed=0,1"],
      "output folder /proc/harness-sweep cannot be created"),
@@ -234,7 +235,7 @@ def test_oom_and_diverged_jobs_are_results_and_the_sweep_goes_on(tmp_path):
     """Over memory_limit_mb: oom; an absurd learning rate: diverged (NaN); the sweep goes on
     to its last job and reports all of them."""
     sweep = tmp_path / "s"
-    proc = cli(["-m", "memory_limit_mb=40,null", "train.lr=1e30,1e-2", "train.warmup_steps=0", *FAST,
+    proc = run_cli(["-m", "memory_limit_mb=40,null", "train.lr=1e30,1e-2", "train.warmup_steps=0", *FAST,
                 "train.max_steps=8", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     found = {(r["config"]["memory_limit_mb"], r["config"]["train"]["lr"]): r for r in results_under(sweep)}

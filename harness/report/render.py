@@ -45,6 +45,21 @@ FIGURES = [
 ]
 
 
+VIEWS = {  # budget view: heading, caption
+    "default": ("Verdicts against QLoRA", "Every method with its own settings (conf/method/)."),
+    "params": ("At equal trainable parameters",
+               "Jobs run with budget=params: each method's size knob (LoRA rank, AdaLoRA's initial rank, "
+               "virtual tokens, VeRA's rank) set so its trainable-parameter count is closest to QLoRA's on "
+               "the same model. Methods that cannot be sized to it ran with their own settings and are not "
+               "compared."),
+    "memory": ("At equal memory",
+               "Jobs run with budget=memory: each method's size knob set to the largest value whose "
+               "predicted peak memory fits in QLoRA's predicted peak for the same model, batch and sequence "
+               "length. Methods that do not fit even at size 1 ran with their own settings and are not "
+               "compared."),
+}
+
+
 def sweep_name(df: pd.DataFrame) -> str | None:
     """The sweep name all results share (`config.sweep_name`), else None."""
     names = df["config.sweep_name"].dropna().unique() if "config.sweep_name" in df else []
@@ -76,12 +91,14 @@ def _diff(c) -> str:
 
 
 def verdict_table(model: str, summary: pd.DataFrame, comparison: pd.DataFrame, front,
-                  uuid: str = "verdict") -> str:
-    """One model's methods against QLoRA, as HTML (★: on the Pareto front)."""
+                  uuid: str = "verdict", sizes: dict | None = None) -> str:
+    """One model's methods against QLoRA, as HTML (★: on the Pareto front). `sizes`, for an
+    equal-budget view: (model, method) -> (size label, matched)."""
     s = summary[summary["model"] == model].set_index("method")
     c = comparison[comparison["model"] == model].set_index("method")
     rows = [{
         "method": ("★ " if (model, m) in front else "") + m,
+        **({"size": sizes.get((model, m), ("—", False))[0]} if sizes is not None else {}),
         "jobs ok": f"{s.at[m, 'n_ok']} / {s.at[m, 'n_jobs']}",
         "score (mean ± 95% CI)": _score(s.loc[m]),
         "Δ score vs QLoRA [95% CI]": _diff(c.loc[m]),
@@ -90,7 +107,8 @@ def verdict_table(model: str, summary: pd.DataFrame, comparison: pd.DataFrame, f
         "tokens/s": _num(s.at[m, "tokens_per_s"], "{:,.0f}"),
         "speed vs QLoRA": _num(c.at[m, "speed_ratio"], "{:.2f}×"),
         "trainable params": _num(s.at[m, "trainable_params"], "{:,.0f}"),
-        "verdict": c.at[m, "verdict"],
+        "verdict": c.at[m, "verdict"] if sizes is None or sizes.get((model, m), ("", False))[1]
+                   else "not comparable: not sized to the budget",
     } for m in s.index]
     table = pd.DataFrame(rows)
     baseline = [m == BASELINE for m in s.index]
@@ -105,6 +123,9 @@ def run_table(df: pd.DataFrame) -> str:
     columns = {"model": "model", "method": "method", "seed": "seed", "status": "status",
                "error": "error", "metrics.score": "score", "metrics.peak_memory_mb": "peak memory (MiB)",
                "metrics.predicted_peak_memory_mb": "predicted (MiB)", "metrics.tokens_per_s": "tokens/s"}
+    if "config.budget" in df and (df["config.budget"].fillna("default") != "default").any():
+        columns["config.budget"] = "budget"
+        columns["metrics.budget.value"] = "size"
     columns.update({k: v for k, v in WALL if k in df and df[k].notna().any()})
     columns["job_dir"] = "job folder"
     table = df[list(columns)].rename(columns=columns).astype(object)
@@ -189,13 +210,51 @@ def memory_model_table(df: pd.DataFrame) -> str | None:
     return styler.set_table_attributes('class="runs memmodel"').to_html()
 
 
+def budget_views(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The jobs of each budget view present (`config.budget`: default, params, memory)."""
+    view = df["config.budget"].fillna("default") if "config.budget" in df else pd.Series("default", index=df.index)
+    return [(name, df[view == name]) for name in VIEWS if (view == name).any()]
+
+
+def budget_sizes(df: pd.DataFrame) -> dict:
+    """(model, method) -> (label, matched) from the jobs' `metrics.budget` records."""
+    sizes = {}
+    for (model, method), group in df.groupby(["model", "method"]):
+        matched = group.get("metrics.budget.matched", pd.Series(dtype=object)).fillna(False).astype(bool)
+        if len(matched) and matched.all():
+            knob = str(group["metrics.budget.knob"].iloc[0]).removeprefix("peft.")
+            values = sorted({int(v) for v in group["metrics.budget.value"].dropna()})
+            sizes[(model, method)] = (f"{knob}={', '.join(map(str, values))}", True)
+        else:
+            reasons = group.get("metrics.budget.reason", pd.Series(dtype=object)).dropna()
+            sizes[(model, method)] = ("not matched" + (f": {reasons.iloc[0]}" if len(reasons) else ""), False)
+    return sizes
+
+
+def verdict_sections(views: list[tuple[str, pd.DataFrame]]) -> list[tuple[str, str, list]]:
+    """For each budget view: its heading, caption and one verdict table per model."""
+    sections = []
+    for name, jobs in views:
+        kept, _ = select_learning_rates(jobs)
+        summary = summarize(kept)
+        comparison = against_baseline(summary, BASELINE)
+        sizes = budget_sizes(kept) if name != "default" else None
+        matched = summary if sizes is None else summary[[sizes.get((r.model, r.method), ("", False))[1]
+                                                         for r in summary.itertuples()]]
+        front = pareto_front(matched)
+        tables = [(m, Markup(verdict_table(m, summary, comparison, front, f"verdict-{name}-{i}", sizes)))
+                  for i, m in enumerate(figures.model_order(summary))]
+        sections.append((*VIEWS[name], tables))
+    return sections
+
+
 def render_report(df: pd.DataFrame, out_dir: Path, title: str) -> Path:
     """Write results.csv, the figures and index.html for the collected results `df`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    all_jobs, (df, choices) = df, select_learning_rates(df)
+    all_jobs, views = df, budget_views(df)
+    df, choices = select_learning_rates(views[0][1])  # figures: the default view if present
     summary = summarize(df)
-    comparison = against_baseline(summary, BASELINE)
     front = pareto_front(summary)
     write_csv(all_jobs, out_dir / "results.csv")
     made = {"pareto.png": figures.pareto_figure(summary, front),
@@ -205,13 +264,11 @@ def render_report(df: pd.DataFrame, out_dir: Path, title: str) -> Path:
             "curves.png": figures.curves_figure(df, summary)}
     for name, fig in made.items():
         figures.save(fig, out_dir / name)
-    models = figures.model_order(summary)
     env = Environment(loader=FileSystemLoader(Path(__file__).parent), autoescape=True,
                       keep_trailing_newline=True)
     html = env.get_template("template.html.j2").render(
         title=title, intro=intro(df, summary), memory_note=memory_note(df),
-        verdicts=[(m, Markup(verdict_table(m, summary, comparison, front, f"verdict{i}")))
-                  for i, m in enumerate(models)],
+        sections=verdict_sections(views),
         figures=FIGURES, notes=cannot_conclude(df, summary, BASELINE),
         learning_rates=Markup(learning_rate_table(choices)) if len(choices) else None,
         memory_model=Markup(m) if (m := memory_model_table(all_jobs)) else None,

@@ -1,0 +1,108 @@
+"""Equal-budget comparisons: size a method to QLoRA's trainable parameters or QLoRA's memory.
+
+With `budget=params`, a job sets its method's size knob (LoRA's rank, AdaLoRA's initial rank,
+the number of virtual tokens of prompt and prefix tuning, VeRA's rank) to the value whose
+trainable-parameter count comes closest to QLoRA's (conf/method/qlora.yaml) on the same
+model. With `budget=memory`, to the largest value whose predicted peak memory fits in QLoRA's
+predicted peak for the same model, batch and sequence length (harness/memory_model.py).
+Methods without a size knob (full fine-tuning, IA3), or whose knob cannot reach the budget,
+run with their own settings and are marked unmatched with the reason, so the report never
+compares them as if they were matched. `budget=default` (the default) changes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+from omegaconf import OmegaConf
+
+from harness import memory_model
+from harness.config import CONF_DIR
+
+BUDGETS = ("default", "params", "memory")
+REFERENCE = "qlora"
+# The size knob of each PEFT type: (key in the peft block, keys scaled with it)
+KNOBS = {"LORA": "r", "ADALORA": "init_r", "VERA": "r", "PROMPT_TUNING": "num_virtual_tokens",
+         "PREFIX_TUNING": "num_virtual_tokens"}
+
+
+def reference_method() -> dict:
+    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "method" / f"{REFERENCE}.yaml"), resolve=True)
+
+
+def resize(method: dict, value: int) -> dict:
+    """A copy of `method` with its size knob set to `value`; LoRA's alpha follows the rank so
+    that its scale (alpha/r, or alpha/sqrt(r) with rsLoRA) stays the method's own, and
+    AdaLoRA's target rank keeps its ratio to the initial rank."""
+    peft = method["peft"]
+    knob = KNOBS[peft["peft_type"]]
+    new = copy.deepcopy(method)
+    p = new["peft"]
+    old = peft[knob]
+    p[knob] = value
+    if peft["peft_type"] == "LORA" and "lora_alpha" in peft:
+        ratio = math.sqrt(value / old) if peft.get("use_rslora") else value / old
+        p["lora_alpha"] = peft["lora_alpha"] * ratio
+    if peft["peft_type"] == "ADALORA" and peft.get("target_r"):
+        p["target_r"] = max(1, round(peft["target_r"] * value / old))
+    return new
+
+
+def _trainable(shapes: dict, method: dict) -> int:
+    return memory_model.adapter_params(shapes, method["peft"])[0]
+
+
+def match(method: dict, arch: dict, budget: str, *, batch_size: int, seq_len: int, limit: int | None = None,
+          **predict_kwargs) -> tuple[dict, dict]:
+    """The method sized for `budget`, and what was done: {budget, matched, knob, value,
+    default, target, achieved, reason}. `limit` caps virtual tokens (positions left)."""
+    info = {"budget": budget, "matched": budget == "default", "knob": None, "value": None, "default": None,
+            "target": None, "achieved": None, "reason": None}
+    if budget == "default":
+        return method, info
+    peft = method.get("peft") or {}
+    knob = KNOBS.get(peft.get("peft_type"))
+    if knob is None:
+        what = "full fine-tuning" if not peft else f"{peft['peft_type']}"
+        info["reason"] = f"{what} has no size knob"
+        return method, info
+    info.update(knob=f"peft.{knob}", default=peft[knob])
+    shapes = memory_model.layer_shapes(arch)
+    reference = reference_method()
+    high = limit if (limit and knob == "num_virtual_tokens") else 1 << 16
+    if budget == "params":
+        target = _trainable(shapes, reference)
+        size = lambda v: _trainable(shapes, resize(method, v))  # noqa: E731
+    else:
+        target = memory_model.predict(arch, reference, batch_size=batch_size, seq_len=seq_len,
+                                      **predict_kwargs)["peak_mb"]
+        size = lambda v: memory_model.predict(arch, resize(method, v), batch_size=batch_size,  # noqa: E731
+                                              seq_len=seq_len, **predict_kwargs)["peak_mb"]
+    info["target"] = target
+    # size(v) grows with v: the largest v with size(v) <= target, by bisection
+    if size(1) > target:
+        value = 1
+    else:
+        lo, hi = 1, 2
+        while hi <= high and size(hi) <= target:
+            lo, hi = hi, hi * 2
+        hi = min(hi, high + 1)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if size(mid) <= target else (lo, mid)
+        value = lo
+        if budget == "params" and value < high and abs(size(value + 1) - target) < abs(size(value) - target):
+            value += 1  # the closest count, above or below
+    achieved = size(value)
+    info.update(value=value, achieved=achieved)
+    if budget == "memory" and achieved > target:
+        info["reason"] = f"needs {achieved:,.0f} MiB at {knob}=1, over QLoRA's {target:,.0f} MiB"
+    elif budget == "params" and abs(achieved - target) > 0.1 * target:
+        info["reason"] = (f"{knob}={value} gives {achieved:,} trainable parameters, QLoRA has {target:,}"
+                          + (f" ({knob} is capped at {high} here)" if value >= high else ""))
+    else:
+        info["matched"] = True
+        return resize(method, value), info
+    info.update(value=info["default"], achieved=None)  # what runs: the method's own size
+    return method, info
