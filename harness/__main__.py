@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import shutil
 import signal
@@ -29,7 +30,8 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from harness.config import CONF_DIR, check_composes, check_group_choices, validate
 from harness.errors import ConfigError
-from harness.launch import launch_job
+from harness.callbacks import FAILED_IN_SWEEP, SWEEP
+from harness.launch import gpu_slot, launch_job
 from harness.results import RESULT_NAME, config_hash, reusable
 
 log = logging.getLogger("harness")
@@ -45,7 +47,6 @@ def method_list() -> str:
 
 
 OmegaConf.register_new_resolver("harness_method_list", method_list, replace=True)
-failed_jobs: list[str] = []  # jobs of this multirun that ended in "error" or "cancelled"
 
 def prepare_folder(out_dir: Path, wanted_hash: str, force: bool) -> bool:
     """Resume: True if the job's folder already holds its result. Otherwise clear leftovers
@@ -126,15 +127,25 @@ def run(cfg: DictConfig) -> str:
     command = shlex.join(["python", "-m", "harness", *sys.argv[1:]])
     overrides = list(hydra_cfg.overrides.task)
     payload = {"config": config, "command": command, "overrides": overrides, "launched_at": time.time()}
-    result = launch_job(payload, out_dir)
+    launcher = str(hydra_cfg.launcher.get("_target_", ""))
+    if launcher.endswith("JoblibLauncher"):  # hydra/launcher=local-gpus: one GPU per running job
+        slots = int(hydra_cfg.launcher.n_jobs)
+        if slots < 1:  # joblib's -1 (all CPUs) means nothing for GPUs
+            from harness.config import visible_gpu_count
+
+            slots = visible_gpu_count()
+        with gpu_slot(Path(hydra_cfg.sweep.dir) / ".gpu-slots", slots) as (slot, visible):
+            payload["env"] = {"HARNESS_GPU_SLOT": str(slot), "CUDA_VISIBLE_DEVICES": visible}
+            log.info("%s: GPU slot %d of %d (CUDA_VISIBLE_DEVICES=%s)", out_dir.name, slot, slots, visible)
+            result = launch_job(payload, out_dir)
+    else:
+        result = launch_job(payload, out_dir)
     if result is None:  # the job refused its configuration and has said why
         remove_new_job_folder(out_dir)
         sys.exit(2)
     log.info(summary(result, path))
-    if result["status"] in ("error", "cancelled"):
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            sys.exit(1)
-        failed_jobs.append(str(path))  # let the rest of the sweep run; exit non-zero at the end
+    if result["status"] in ("error", "cancelled") and hydra_cfg.mode != RunMode.MULTIRUN:
+        sys.exit(1)  # in a sweep the other jobs run; the exit code comes from the results at its end
     return str(path)
 
 
@@ -145,6 +156,8 @@ def main() -> None:
     except ConfigError as e:
         refuse(str(e))
     cancel_on_sigterm()
+    FAILED_IN_SWEEP.clear()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let a launcher's exception reach the handlers below
     try:
         run()
     except ValueError as e:  # Hydra's own command-line checks, e.g. both --multirun and --cfg
@@ -153,9 +166,56 @@ def main() -> None:
         print("cancelled: the running job recorded itself as cancelled; rerun the same command "
               "(same hydra.sweep.dir for a sweep) to resume", file=sys.stderr)
         sys.exit(130)
-    if failed_jobs:
-        log.error("%d job(s) ended in error or were cancelled: %s", len(failed_jobs), ", ".join(failed_jobs))
+    except Exception as e:
+        if type(e).__name__ not in LOST_JOB_ERRORS:
+            raise
+        lost_jobs(e)
+    if FAILED_IN_SWEEP:
+        log.error("%d job(s) ended in error or were cancelled: %s", len(FAILED_IN_SWEEP), ", ".join(FAILED_IN_SWEEP))
         sys.exit(1)
+
+
+# submitit's errors for a job that died without returning (killed, node failure, no output)
+LOST_JOB_ERRORS = ("UncompletedJobError", "FailedJobError")
+
+
+def wait_for_other_slurm_tasks(folder: Path, poll_s: float = 3.0) -> None:
+    """submitit gives up at the first lost task while the array's other tasks still run: wait
+    until each has written its result (submitit's *_result.pkl) or SLURM no longer lists it."""
+    import shutil
+    import subprocess
+
+    if not folder.is_dir() or shutil.which("squeue") is None:
+        return
+    while True:
+        pending = [t.name for t in folder.iterdir() if t.is_dir() and not any(t.glob("*_result.pkl"))]
+        if not pending:
+            return
+        listed = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(pending)], capture_output=True,
+                                text=True).stdout.split()
+        if not listed:
+            return
+        log.info("a job died; waiting for the other %d job(s) of the array: %s", len(listed), " ".join(listed))
+        time.sleep(poll_s)
+
+
+def lost_jobs(error: Exception) -> None:
+    """A launcher lost a job (on SLURM: killed hard, its node died): the results of the other
+    jobs are on disk; render the report from them, say which job, and exit 1. A rerun of the
+    same command reruns what is missing."""
+    sweep_dir = SWEEP.get("dir")
+    if sweep_dir is not None:
+        wait_for_other_slurm_tasks(Path(sweep_dir) / ".submitit")
+    try:
+        from harness.report import build_report
+
+        log.info("report: %s", build_report([sweep_dir], SWEEP["report"]))
+    except Exception as report_error:  # not a sweep, or no result at all
+        log.warning("no report: %s", report_error)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f"error: a job died without a result ({type(error).__name__}: {first}); the other jobs' results are in "
+          f"{sweep_dir or 'the sweep folder'}; rerun the same command to run what is missing", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -20,8 +21,34 @@ def report_dir(config: DictConfig) -> Path:
     return Path(config.hydra.sweep.dir) / "report"
 
 
+FAILED_IN_SWEEP: list[str] = []  # results of the sweep that ended in error or cancelled
+
+
+def failed_results(sweep_dir: Path) -> list[str]:
+    """The result files under `sweep_dir` whose job ended in error or was cancelled. After a
+    sweep they are all from this run (a rerun reruns such jobs), whatever the launcher."""
+    from harness.report.aggregate import result_files
+
+    failed = []
+    for path in result_files(sweep_dir):
+        try:
+            status = json.loads(path.read_text()).get("status")
+        except (OSError, ValueError):
+            continue
+        if status in ("error", "cancelled"):
+            failed.append(str(path))
+    return failed
+
+
+SWEEP: dict = {}  # this process's multirun: its folder and report folder, set when it starts
+
+
 class ReportOnMultirunEnd(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        SWEEP.update(dir=Path(config.hydra.sweep.dir), report=report_dir(config))
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        FAILED_IN_SWEEP[:] = failed_results(Path(config.hydra.sweep.dir))
         if not config.report.enabled:
             return
         from harness.report import build_report

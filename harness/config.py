@@ -20,6 +20,30 @@ TASK_KEYS = ("name", "builder", "scoring", "metric", "max_new_tokens")  # every 
 DTYPES = ("bfloat16", "float16", "float32")
 
 
+def visible_gpu_count() -> int:
+    """GPUs this process may use (CUDA_VISIBLE_DEVICES respected), from NVML without importing
+    torch; 1 when there is none, so that `hydra/launcher=local-gpus` runs one job at a time."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return max(1, len([v for v in visible.split(",") if v.strip() and v.strip() != "-1"]))
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return max(1, pynvml.nvmlDeviceGetCount())
+    except Exception:  # no NVIDIA driver
+        return 1
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("harness_gpu_count", visible_gpu_count, replace=True)
+
+
+register_resolvers()
+
+
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 

@@ -358,6 +358,7 @@ def run_child(payload: dict, out_dir: str) -> None:
     or 2 (bad config)."""
     die_with_parent()
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # SIGTERM cancels like Ctrl-C
+    os.environ.update(payload.get("env", {}))  # e.g. the GPU this job may use (before CUDA starts)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(out_dir)

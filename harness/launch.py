@@ -8,6 +8,7 @@ result (killed, crashed), the launcher writes one for it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -21,10 +22,42 @@ PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", 
            "datasets", "evaluate", "harness.job"]
 
 
+@contextlib.contextmanager
+def gpu_slot(folder: Path, slots: int):
+    """Hold one of `slots` GPU slots of a host for the duration of a job: a lock file per slot
+    in `folder` (the sweep folder's .gpu-slots/), taken with flock, so concurrent jobs of a
+    sweep never share a GPU, and a killed job's lock is released by the kernel. Yields the
+    slot's index and the CUDA_VISIBLE_DEVICES value that shows the job only its GPU."""
+    import fcntl
+    import time
+
+    folder.mkdir(parents=True, exist_ok=True)
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    while True:
+        for index in range(slots):
+            handle = open(folder / f"slot-{index}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            try:
+                yield index, visible[index] if index < len(visible) else str(index)
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                handle.close()
+            return
+        time.sleep(0.2)
+
+
 def run_job_process(payload: dict, out_dir: Path) -> int:
     """Run one job in a fresh process forked from the preloaded forkserver; its exit code."""
     from harness.job import run_child
 
+    if multiprocessing.get_start_method(allow_none=True) not in (None, "fork", "spawn", "forkserver"):
+        # inside a joblib (loky) worker: job processes would inherit loky's start method name,
+        # which plain multiprocessing cannot restore
+        multiprocessing.set_start_method("forkserver", force=True)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
     process = context.Process(target=run_child, args=(payload, str(out_dir)), name="harness-job")

@@ -178,6 +178,19 @@ def device_info(device) -> dict:
     return info
 
 
+SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_PARTITION",
+                   "SLURM_JOB_NODELIST", "SLURM_CLUSTER_NAME")
+
+
+def launch_info() -> dict:
+    """Where the launcher put the job: the host's GPU slot and visible GPUs, and the SLURM job."""
+    slurm = {k.removeprefix("SLURM_").lower(): os.environ[k] for k in SLURM_VARIABLES if k in os.environ}
+    slot = os.environ.get("HARNESS_GPU_SLOT")
+    return {"gpu_slot": int(slot) if slot is not None else None,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "slurm": slurm or None}
+
+
 def environment(device, command: str, overrides: list[str], determinism: dict) -> dict:
     import torch
 
@@ -194,6 +207,7 @@ def environment(device, command: str, overrides: list[str], determinism: dict) -
         "command": command,
         "overrides": overrides,
         "determinism": determinism,
+        "launch": launch_info(),
         "start_time": now(),
         "end_time": None,
     }

@@ -63,7 +63,6 @@ def run_cli(args, cwd: Path) -> subprocess.CompletedProcess:
 
     out, err = io.StringIO(), io.StringIO()
     saved = os.getcwd(), sys.argv, signal.getsignal(signal.SIGTERM)
-    app.failed_jobs.clear()
     code = 0
     try:
         os.chdir(cwd)
