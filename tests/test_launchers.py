@@ -1,6 +1,6 @@
 """Launchers: N jobs at a time on one host (hydra/launcher=local-gpus), and a real single-node
-SLURM cluster (hydra/launcher=slurm). Marked `launchers` (they start several job servers or
-daemons): `python -m pytest -m launchers`, which .ci/run runs after the main suite."""
+SLURM cluster (hydra/launcher=slurm). Marked `slow` (they start several job servers or
+daemons): `python -m pytest -m slow`, which .ci/run runs after the main suite."""
 
 import json
 import os
@@ -16,7 +16,7 @@ from conftest import FAST, REPO, compose, results_under, run_cli
 sys.path.insert(0, str(Path(__file__).parent / "slurm"))
 import cluster  # noqa: E402
 
-pytestmark = pytest.mark.launchers
+pytestmark = pytest.mark.slow
 SWEEP = ["-m", "method=lora,prompt,full,prefix", *FAST, "train.max_steps=10", "eval.before=false"]
 
 

@@ -188,6 +188,7 @@ def test_shipped_architectures_have_their_published_size(name):
     assert parameter_count(arch) == count  # the memory model's count, from the config alone
 
 
+@pytest.mark.slow  # builds and loads a 0.5B model: run by .ci/run with -m slow
 def test_a_real_architecture_with_random_weights_trains_quantized(tmp_path):
     """model=qwen2.5-0.5b model.init=random: no download, real 4-bit layers, scores flagged."""
     from conftest import run_in_process
