@@ -32,6 +32,7 @@ SWEEP = ["-m", "method=lora,prompt,full,prefix", *FAST, "train.max_steps=10", "e
          "report.enabled=false"]
 
 
+@pytest.mark.slow  # a real sweep process, SIGKILLed: run by .ci/run with -m slow
 def test_sweep_killed_during_its_third_job_resumes_without_rerunning_finished_jobs(tmp_path):
     sweep = tmp_path / "sweep"
     args = [*SWEEP, f"hydra.sweep.dir={sweep}"]
@@ -89,6 +90,7 @@ def test_force_reruns_a_complete_job(tmp_path):
     assert not list(job.glob("*.tmp")) and (job / f"result.{wanted}.json").is_file()
 
 
+@pytest.mark.slow  # a real sweep process, signalled: run by .ci/run with -m slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_job_records_itself_as_cancelled(tmp_path, sig):
     proc = start(["train.max_steps=5000", "train.log_every=1", "hydra.run.dir=run"], tmp_path)
