@@ -28,7 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from harness.config import CONF_DIR, check_composes, check_group_choices, validate
+from harness.config import CONF_DIR, check_composes, check_group_choices, validate, visible_gpu_count
 from harness.errors import ConfigError
 from harness.callbacks import FAILED_IN_SWEEP, SWEEP
 from harness.launch import gpu_slot, launch_job
@@ -131,8 +131,6 @@ def run(cfg: DictConfig) -> str:
     if launcher.endswith("JoblibLauncher"):  # hydra/launcher=local-gpus: one GPU per running job
         slots = int(hydra_cfg.launcher.n_jobs)
         if slots < 1:  # joblib's -1 (all CPUs) means nothing for GPUs
-            from harness.config import visible_gpu_count
-
             slots = visible_gpu_count()
         with gpu_slot(Path(hydra_cfg.sweep.dir) / ".gpu-slots", slots) as (slot, visible):
             payload["env"] = {"HARNESS_GPU_SLOT": str(slot), "CUDA_VISIBLE_DEVICES": visible}
@@ -182,7 +180,6 @@ LOST_JOB_ERRORS = ("UncompletedJobError", "FailedJobError")
 def wait_for_other_slurm_tasks(folder: Path, poll_s: float = 3.0) -> None:
     """submitit gives up at the first lost task while the array's other tasks still run: wait
     until each has written its result (submitit's *_result.pkl) or SLURM no longer lists it."""
-    import shutil
     import subprocess
 
     if not folder.is_dir() or shutil.which("squeue") is None:

@@ -22,7 +22,7 @@ from harness.config import CONF_DIR
 
 BUDGETS = ("default", "params", "memory")
 REFERENCE = "qlora"
-# The size knob of each PEFT type: (key in the peft block, keys scaled with it)
+# The size knob of each PEFT type: its key in the peft block (resize() scales alpha/target_r with it)
 KNOBS = {"LORA": "r", "ADALORA": "init_r", "VERA": "r", "PROMPT_TUNING": "num_virtual_tokens",
          "PREFIX_TUNING": "num_virtual_tokens"}
 
@@ -80,20 +80,11 @@ def match(method: dict, arch: dict, budget: str, *, batch_size: int, seq_len: in
         size = lambda v: memory_model.predict(arch, resize(method, v), batch_size=batch_size,  # noqa: E731
                                               seq_len=seq_len, **predict_kwargs)["peak_mb"]
     info["target"] = target
-    # size(v) grows with v: the largest v with size(v) <= target, by bisection
-    if size(1) > target:
-        value = 1
-    else:
-        lo, hi = 1, 2
-        while hi <= high and size(hi) <= target:
-            lo, hi = hi, hi * 2
-        hi = min(hi, high + 1)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if size(mid) <= target else (lo, mid)
-        value = lo
-        if budget == "params" and value < high and abs(size(value + 1) - target) < abs(size(value) - target):
-            value += 1  # the closest count, above or below
+    # size(v) grows with v: the largest v with size(v) <= target (1 if even that is over)
+    value = memory_model.largest(lambda v: size(v) <= target, high) or 1
+    if budget == "params" and size(value) <= target and value < high \
+            and abs(size(value + 1) - target) < abs(size(value) - target):
+        value += 1  # the closest count, above or below
     achieved = size(value)
     info.update(value=value, achieved=achieved)
     if budget == "memory" and achieved > target:

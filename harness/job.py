@@ -142,8 +142,7 @@ def sized_for_budget(model_config, method: dict, budget_name: str, tcfg: dict, l
     try:
         sized, info = budget.match(method, model_config.to_dict(), budget_name, batch_size=tcfg["batch_size"],
                                    seq_len=longest, limit=positions - tcfg["seq_len"] if positions else None,
-                                   device=device.type, precision=tcfg["precision"],
-                                   gradient_checkpointing=tcfg["gradient_checkpointing"], grad_accum=tcfg["grad_accum"])
+                                   **memory_model.training_setting(tcfg, device.type))
     except memory_model.UnsupportedModel as e:
         raise ConfigError(f"budget={budget_name} sizes methods with the memory model, which cannot model this one: {e}")
     if info["matched"]:
@@ -160,8 +159,7 @@ def predicted_memory(model_config, method: dict, tcfg: dict, longest: int, devic
 
     try:
         p = memory_model.predict(model_config.to_dict(), method, batch_size=tcfg["batch_size"], seq_len=longest,
-                                 device=device.type, precision=tcfg["precision"],
-                                 gradient_checkpointing=tcfg["gradient_checkpointing"], grad_accum=tcfg["grad_accum"])
+                                 **memory_model.training_setting(tcfg, device.type))
     except memory_model.UnsupportedModel as e:
         log.warning("no memory prediction: %s", e)
         return {"predicted_peak_memory_mb": None, "predicted_memory": None}

@@ -362,10 +362,10 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
     }
 
 
-def max_batch_size(arch: dict, method: dict, budget_mb: float, *, seq_len: float, limit: int = 1 << 16,
-                   **kwargs) -> int:
-    """The largest batch size whose predicted peak fits in `budget_mb` (0 if none does)."""
-    fits = lambda b: predict(arch, method, batch_size=b, seq_len=seq_len, **kwargs)["peak_mb"] <= budget_mb  # noqa: E731
+def largest(fits, limit: int = 1 << 16) -> int:
+    """The largest v in 1..limit with fits(v), for a `fits` that holds up to some v and not
+    beyond (a predicted peak grows with batch size, rank and virtual tokens); 0 if fits(1) is
+    false. Doubling, then bisection: about 2*log2(v) predictions."""
     if not fits(1):
         return 0
     lo, hi = 1, 2
@@ -376,3 +376,17 @@ def max_batch_size(arch: dict, method: dict, budget_mb: float, *, seq_len: float
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def max_batch_size(arch: dict, method: dict, budget_mb: float, *, seq_len: float, limit: int = 1 << 16,
+                   **kwargs) -> int:
+    """The largest batch size whose predicted peak fits in `budget_mb` (0 if none does)."""
+    return largest(lambda b: predict(arch, method, batch_size=b, seq_len=seq_len, **kwargs)["peak_mb"] <= budget_mb,
+                   limit)
+
+
+def training_setting(train_cfg: dict, device: str) -> dict:
+    """predict()'s keyword arguments for a job's `train` config on `device` ("cuda"/"cpu"),
+    batch size and sequence length aside."""
+    return {"device": device, "precision": train_cfg["precision"],
+            "gradient_checkpointing": train_cfg["gradient_checkpointing"], "grad_accum": train_cfg["grad_accum"]}

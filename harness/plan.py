@@ -54,15 +54,13 @@ def load_methods() -> list[dict]:
             for p in sorted((CONF_DIR / "method").glob("*.yaml"))]
 
 
-def plan(arch: dict, methods: list[dict], *, batch_size: int, seq_len: int, gpus_gb, gradient_checkpointing: bool,
-         grad_accum: int, precision: str) -> list[dict]:
-    """One row per method: the prediction, and for each GPU size whether it fits and the
-    largest batch size that does."""
+def plan(arch: dict, methods: list[dict], train: dict, gpus_gb) -> list[dict]:
+    """One row per method: the prediction on a GPU for the `train` config's batch and sequence
+    length, and for each GPU size whether it fits and the largest batch size that does."""
+    kwargs = {"seq_len": train["seq_len"], **memory_model.training_setting(train, "cuda")}
     rows = []
     for method in methods:
-        kwargs = dict(seq_len=seq_len, device="cuda", precision=precision,
-                      gradient_checkpointing=gradient_checkpointing, grad_accum=grad_accum)
-        p = memory_model.predict(arch, method, batch_size=batch_size, **kwargs)
+        p = memory_model.predict(arch, method, batch_size=train["batch_size"], **kwargs)
         row = {"method": method["name"], **p}
         for gb in gpus_gb:
             budget = gb * 1024 - memory_model.CUDA_CONTEXT_MB
@@ -133,9 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         config = compose_config(args.overrides)
         arch = architecture_of(config["model"])
         t = config["train"]
-        rows = plan(arch, load_methods(), batch_size=t["batch_size"], seq_len=t["seq_len"], gpus_gb=gpus,
-                    gradient_checkpointing=t["gradient_checkpointing"], grad_accum=t["grad_accum"],
-                    precision=t["precision"])
+        rows = plan(arch, load_methods(), t, gpus)
     except memory_model.UnsupportedModel as e:
         print(f"error: cannot plan for this model: {e}", file=sys.stderr)
         sys.exit(2)
