@@ -363,3 +363,28 @@ def test_one_learning_rate_means_no_selection():
                        "status": ["ok", "ok"], "metrics.validation_score": [0.1, 0.2]})
     kept, choices = select_learning_rates(df)
     assert kept is df and choices.empty
+
+
+def test_tasks_get_their_own_reports_and_forgetting_is_shown(tmp_path):
+    """Scores of two tasks are never pooled: one report per task, and a page linking them;
+    forgetting, where measured, is a verdict-table column."""
+    for task, base in (("gsm8k", 0.3), ("sst2", 0.8)):
+        for i, (method, delta, forgot) in enumerate((("qlora", 0.0, 0.01), ("full", 0.1, 0.25))):
+            for seed in (0, 1):
+                result = fake_result("small", method, seed, score=base + delta + seed / 100)
+                result["task"] = result["config"]["task"]["name"] = task
+                result["config"]["forgetting"] = {"name": "wikitext"}
+                result["metrics"].update(forgetting=forgot, forgetting_loss_before=3.0,
+                                         forgetting_loss_after=3.0 + forgot)
+                validate(result)
+                folder = tmp_path / "sweep" / f"{task}_{method}_{seed}"
+                folder.mkdir(parents=True)
+                (folder / "result.json").write_text(json.dumps(result))
+    index = build_report([tmp_path / "sweep"], tmp_path / "report")
+    page = index.read_text()
+    assert 'href="gsm8k/index.html"' in page and 'href="sst2/index.html"' in page
+    for task, mean in (("gsm8k", "0.305"), ("sst2", "0.805")):
+        sub = (tmp_path / "report" / task / "index.html").read_text()
+        assert f"task {task}" in sub and "forgetting (Δ loss)" in sub and "+0.250" in sub
+        assert mean in sub  # qlora's mean score on this task alone
+    assert len(pd.read_csv(tmp_path / "report" / "results.csv")) == 8

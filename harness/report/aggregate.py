@@ -22,7 +22,7 @@ EXPECTED = KEYS + [
 LISTS = ["metrics.train_losses", "metrics.score_samples"]  # kept in the frame, not in the CSV
 
 
-READABLE_SCHEMA_VERSIONS = (1, 2, 3)  # 2 added config_hash and status "cancelled"; 3 predicted memory
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)  # 2 added config_hash and status "cancelled"; 3 predicted memory; 4 forgetting
 
 
 def result_files(folder: Path) -> list[Path]:

@@ -107,6 +107,7 @@ def verdict_table(model: str, summary: pd.DataFrame, comparison: pd.DataFrame, f
         "tokens/s": _num(s.at[m, "tokens_per_s"], "{:,.0f}"),
         "speed vs QLoRA": _num(c.at[m, "speed_ratio"], "{:.2f}×"),
         "trainable params": _num(s.at[m, "trainable_params"], "{:,.0f}"),
+        **({"forgetting (Δ loss)": _num(s.at[m, "forgetting"], "{:+.3f}")} if s["forgetting"].notna().any() else {}),
         "verdict": c.at[m, "verdict"] if sizes is None or sizes.get((model, m), ("", False))[1]
                    else "not comparable: not sized to the budget",
     } for m in s.index]
@@ -123,13 +124,17 @@ def run_table(df: pd.DataFrame) -> str:
     columns = {"model": "model", "method": "method", "seed": "seed", "status": "status",
                "error": "error", "metrics.score": "score", "metrics.peak_memory_mb": "peak memory (MiB)",
                "metrics.predicted_peak_memory_mb": "predicted (MiB)", "metrics.tokens_per_s": "tokens/s"}
+    if df["task"].nunique() > 1:
+        columns = {"model": "model", "task": "task", **columns}
     if "config.budget" in df and (df["config.budget"].fillna("default") != "default").any():
         columns["config.budget"] = "budget"
         columns["metrics.budget.value"] = "size"
+    if "metrics.forgetting" in df and df["metrics.forgetting"].notna().any():
+        columns["metrics.forgetting"] = "forgetting"
     columns.update({k: v for k, v in WALL if k in df and df[k].notna().any()})
     columns["job_dir"] = "job folder"
     table = df[list(columns)].rename(columns=columns).astype(object)
-    formats = {"score": "{:.3f}", "peak memory (MiB)": "{:,.1f}", "predicted (MiB)": "{:,.1f}", "tokens/s": "{:,.0f}",
+    formats = {"score": "{:.3f}", "forgetting": "{:+.3f}", "peak memory (MiB)": "{:,.1f}", "predicted (MiB)": "{:,.1f}", "tokens/s": "{:,.0f}",
                **{v: "{:.1f}" for k, v in WALL}}
     styler = table.style.hide(axis="index").set_uuid("runs").format(
         {k: (lambda x, f=f: _num(x, f)) for k, f in formats.items() if k in table},
@@ -268,6 +273,8 @@ def render_report(df: pd.DataFrame, out_dir: Path, title: str) -> Path:
                       keep_trailing_newline=True)
     html = env.get_template("template.html.j2").render(
         title=title, intro=intro(df, summary), memory_note=memory_note(df),
+        forgetting=_unique(all_jobs, "config.forgetting.name")
+        if "metrics.forgetting" in all_jobs and all_jobs["metrics.forgetting"].notna().any() else None,
         sections=verdict_sections(views),
         figures=FIGURES, notes=cannot_conclude(df, summary, BASELINE),
         learning_rates=Markup(learning_rate_table(choices)) if len(choices) else None,
@@ -284,4 +291,19 @@ def build_report(sweep_dirs: list[Path], out_dir: Path, title: str | None = None
     df = collect([Path(d) for d in sweep_dirs])
     if df.empty:
         raise ValueError(f"no result.json under {', '.join(map(str, sweep_dirs))}")
-    return render_report(df, out_dir, title or default_title(df, sweep_dirs))
+    title = title or default_title(df, sweep_dirs)
+    tasks = sorted(df["task"].dropna().unique())
+    if len(tasks) <= 1:
+        return render_report(df, out_dir, title)
+    # Scores of different tasks are never pooled: one report per task, and a page linking them.
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for task in tasks:
+        render_report(df[df["task"] == task], out_dir / task, f"{title}: task {task}")
+    write_csv(df, out_dir / "results.csv")
+    env = Environment(loader=FileSystemLoader(Path(__file__).parent), autoescape=True, keep_trailing_newline=True)
+    index = out_dir / "index.html"
+    index.write_text(env.get_template("tasks.html.j2").render(
+        title=title, tasks=[(t, int((df["task"] == t).sum())) for t in tasks], runs=Markup(run_table(df)),
+        provenance=provenance(df)))
+    return index

@@ -25,7 +25,8 @@ def t975(df: float) -> float:
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Per (model, method): jobs run and ok, score mean with its 95% interval half-width
-    (NaN with fewer than 2 scored seeds), mean peak memory and tokens/s of the ok jobs."""
+    (NaN with fewer than 2 scored seeds), mean peak memory, tokens/s and forgetting (general-
+    text loss after minus before; NaN when not measured) of the ok jobs."""
     rows = []
     for (model, method), group in df.groupby(["model", "method"], sort=True):
         ok = group[group["status"] == "ok"]
@@ -41,10 +42,11 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             "tokens_per_s": _mean(ok, "metrics.tokens_per_s"),
             "trainable_params": _mean(ok, "metrics.trainable_params"),
             "total_params": _mean(ok, "metrics.total_params"),
+            "forgetting": _mean(ok, "metrics.forgetting") if "metrics.forgetting" in ok else math.nan,
         })
     return pd.DataFrame(rows, columns=["model", "method", "n_jobs", "n_ok", "n_oom", "n_scored",
                                        "score_mean", "score_sd", "score_ci", "peak_memory_mb",
-                                       "tokens_per_s", "trainable_params", "total_params"])
+                                       "tokens_per_s", "trainable_params", "total_params", "forgetting"])
 
 
 def _mean(rows: pd.DataFrame, column: str) -> float:
