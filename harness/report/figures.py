@@ -63,7 +63,10 @@ def _score_figure(summary: pd.DataFrame, x: str, xlabel: str, title: str, front=
     for ax, model in zip(axes, models):
         rows = summary[(summary["model"] == model)].dropna(subset=[x, "score_mean"])
         for _, r in rows.iterrows():
-            ci = r["score_ci"] if r["score_ci"] == r["score_ci"] else None
+            ci = None
+            if r["score_ci"] == r["score_ci"]:  # scores lie in [0, 1]: the bar stops there
+                low, high = max(0.0, r["score_mean"] - r["score_ci"]), min(1.0, r["score_mean"] + r["score_ci"])
+                ci = [[r["score_mean"] - low], [high - r["score_mean"]]]
             hollow = {"markerfacecolor": "white"} if r["n_ok"] < r["n_jobs"] else {}
             ax.errorbar(r[x], r["score_mean"], yerr=ci, color=colors[r["method"]], capsize=3,
                         linestyle="", **_marker(r["method"]), **hollow)

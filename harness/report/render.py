@@ -26,7 +26,7 @@ WALL = [("metrics.wall_setup_s", "setup (s)"), ("metrics.wall_train_s", "train (
 FIGURES = [
     ("pareto.png", "Score vs peak memory",
      "Each point is one method's mean over its ok seeds; bars are 95% intervals of the mean "
-     "(none with one seed). The dashed step line joins the Pareto front: no other method has "
+     "(none with one seed; cut at 0 and 1, the range of a score). The dashed step line joins the Pareto front: no other method has "
      "both less memory and a higher score. Hollow markers: methods with a failed or out-of-memory "
      "job, which are never on the front. QLoRA is the black-edged star."),
     ("speed.png", "Score vs speed",
