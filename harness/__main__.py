@@ -32,6 +32,7 @@ from harness.config import CONF_DIR, check_composes, check_group_choices, valida
 from harness.errors import ConfigError
 from harness.callbacks import FAILED_IN_SWEEP, SWEEP
 from harness.launch import gpu_slot, launch_job
+from harness.models import is_built, resolve_model_source
 from harness.results import RESULT_NAME, config_hash, reusable
 
 log = logging.getLogger("harness")
@@ -124,6 +125,13 @@ def run(cfg: DictConfig) -> str:
     path = out_dir / RESULT_NAME
     if prepare_folder(out_dir, config_hash(config), config["force"]):
         return str(path)
+    if not is_built(config["model"]):
+        # Build (and pretrain) a tiny or random-weight model here, once into the cache, so
+        # that no job's measured memory or time includes building it.
+        try:
+            resolve_model_source(config["model"])
+        except ConfigError as e:
+            refuse(str(e), out_dir)
     command = shlex.join(["python", "-m", "harness", *sys.argv[1:]])
     overrides = list(hydra_cfg.overrides.task)
     payload = {"config": config, "command": command, "overrides": overrides, "launched_at": time.time()}

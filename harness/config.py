@@ -14,7 +14,7 @@ from harness.errors import ConfigError
 from harness.train import SCHEDULES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "method", "task", "sweep")
+GROUPS = ("model", "method", "task", "sweep", "forgetting")
 PRECISIONS = ("bf16", "fp32")
 TASK_KEYS = ("name", "builder", "scoring", "metric", "max_new_tokens")  # every task config has these
 DTYPES = ("bfloat16", "float16", "float32")
@@ -49,7 +49,7 @@ def group_options(group: str) -> list[str]:
 
 
 def check_group_choices(argv: list[str]) -> None:
-    """Unknown `model=`/`method=`/`task=` options on the command line, sweeps included."""
+    """Unknown `model=`/`method=`/`task=`/`sweep=`/`forgetting=` options on the command line, sweeps included."""
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
@@ -190,11 +190,15 @@ def validate(cfg: dict) -> None:
     init = cfg["model"].get("init", "pretrained")
     if init not in INIT_CHOICES:
         raise ConfigError(f"model.init={init!r}: allowed values are {', '.join(INIT_CHOICES)}")
-    if init == "random" and cfg["model"].get("architecture") not in architectures():
+    tiny = not name_or_path and cfg["model"].get("tiny")
+    if init == "random" and not tiny and cfg["model"].get("architecture") not in architectures():
         raise ConfigError(f"model.init=random needs model.architecture, one of {', '.join(architectures())} "
                           f"(got {cfg['model'].get('architecture')!r})")
     if not name_or_path and init == "pretrained":
         _get(cfg, "model.tiny")
+        for key in ("steps", "batch_size", "texts", "max_operand"):
+            _positive_int(cfg, f"model.tiny.pretrain.{key}")
+        _number(cfg, "model.tiny.pretrain.lr", positive=True)
     if not isinstance(cfg["model"].get("trust_remote_code", False), bool):
         raise ConfigError(f"model.trust_remote_code={cfg['model']['trust_remote_code']!r}: must be true or false")
 
@@ -212,8 +216,18 @@ def validate(cfg: dict) -> None:
             if not isinstance(dropout, Real) or not 0 <= dropout < 1:
                 raise ConfigError(f"method.peft.lora_dropout={dropout!r}: must be in [0, 1)")
 
+    for section, sub in (("task", "dataset"), ("task", "metamathqa"), ("forgetting", "dataset")):
+        source = (cfg.get(section) or {}).get(sub)
+        path = str(source.get("path") or "") if isinstance(source, dict) else ""
+        if path and is_local_path(path) and not Path(path).expanduser().is_dir():
+            raise ConfigError(f"{section}.{sub}.path={path!r}: no such folder (a local copy of the dataset, or a Hub id)")
+    if cfg.get("forgetting"):
+        _choice(cfg, "forgetting.source", ("dataset", "synthetic"))
+        for key in ("n_texts", "max_tokens", "batch_size"):
+            _positive_int(cfg, f"forgetting.{key}")
     for key in TASK_KEYS:
         _get(cfg, f"task.{key}")
-    for key in ("n_train", "n_validation", "n_test", "max_new_tokens"):
-        if key in cfg["task"]:
-            _positive_int(cfg, f"task.{key}")
+    for key in ("n_train", "n_validation", "n_test", "max_new_tokens", "seq_len"):
+        if cfg["task"].get(key) is not None or key in ("n_validation", "max_new_tokens"):
+            if key in cfg["task"]:
+                _positive_int(cfg, f"task.{key}")

@@ -1,4 +1,5 @@
-"""Scoring: greedy generation on the test split, compared by the task's `evaluate` metric."""
+"""Scoring a model: greedy generation compared by the task's `evaluate` metric, the likeliest
+of a task's choices (log-likelihood), and the loss on general text (for forgetting)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,86 @@ def score_generation(model, tokenizer, dataset, metric, metric_key: str, **kwarg
         for p, r, g in list(zip(dataset["prompt"], dataset["answer"], predictions))[:5]
     ]
     return float(value), samples
+
+
+def sequence_logprobs(model, batch: dict):
+    """Log-probability of each labelled token of `batch` (input_ids, attention_mask, labels
+    with -100 on unscored tokens): a (batch, length - 1) tensor, 0 where unscored. Prompt
+    tuning prepends virtual tokens to the logits; only the last `length` positions are read."""
+    import torch
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, -batch["input_ids"].shape[1]:-1].float()
+    targets = batch["labels"][:, 1:]
+    scored = targets != -100
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * scored
+
+
+def choice_loglikelihoods(model, tokenizer, prompts: list[str], choices: list[list[str]], *, batch_size: int,
+                          device, autocast=contextlib.nullcontext) -> list[list[float]]:
+    """For each prompt, the summed log-likelihood of each of its choices' tokens after it.
+    Prompt and choice are tokenized apart and joined, exactly as training examples are."""
+    import torch
+
+    from harness.data import IGNORE_INDEX, collate
+
+    prompt_ids = tokenizer(prompts)["input_ids"]
+    rows = []  # (example, choice, token ids, labels)
+    for i, (p, options) in enumerate(zip(prompt_ids, choices)):
+        for j, ids in enumerate(tokenizer(list(options), add_special_tokens=False)["input_ids"]):
+            rows.append((i, j, {"input_ids": p + ids, "labels": [IGNORE_INDEX] * len(p) + ids}))
+    rows.sort(key=lambda r: len(r[2]["input_ids"]))
+    scores = [[0.0] * len(options) for options in choices]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            batch = collate([r[2] for r in chunk], tokenizer.pad_token_id, device)
+            totals = sequence_logprobs(model, batch).sum(dim=1).tolist()
+            for (i, j, _), total in zip(chunk, totals):
+                scores[i][j] = total
+    model.train(was_training)
+    return scores
+
+
+def score_choice(model, tokenizer, dataset, metric, metric_key: str, *, batch_size: int, device,
+                 autocast=contextlib.nullcontext, **_) -> tuple[float, list[dict]]:
+    """The metric (accuracy) of the likeliest choice against `label`, and a few samples."""
+    scores = choice_loglikelihoods(model, tokenizer, list(dataset["prompt"]), list(dataset["choices"]),
+                                   batch_size=batch_size, device=device, autocast=autocast)
+    predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    labels = list(dataset["label"])
+    value = metric.compute(predictions=predictions, references=labels)[metric_key]
+    samples = [
+        {"prompt": p, "reference": c[label], "prediction": c[pred]}
+        for p, c, label, pred in list(zip(dataset["prompt"], dataset["choices"], labels, predictions))[:5]
+    ]
+    return float(value), samples
+
+
+SCORERS = {"generate": score_generation, "choice": score_choice}
+
+
+def text_loss(model, tokenizer, texts: list[str], *, max_tokens: int, batch_size: int, device,
+              autocast=contextlib.nullcontext) -> float:
+    """Mean next-token loss (nats per token) of `model` on `texts`, each cut to `max_tokens`:
+    the forgetting metric's measure of general language ability."""
+    import torch
+
+    from harness.data import collate
+
+    encoded = [ids[:max_tokens] for ids in tokenizer(texts)["input_ids"] if len(ids) > 1]
+    encoded.sort(key=len)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast():
+        for start in range(0, len(encoded), batch_size):
+            batch = collate([{"input_ids": ids, "labels": ids} for ids in encoded[start : start + batch_size]],
+                            tokenizer.pad_token_id, device)
+            total -= sequence_logprobs(model, batch).sum().item()
+            count += sum(len(ids) - 1 for ids in encoded[start : start + batch_size])
+    model.train(was_training)
+    return total / count

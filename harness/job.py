@@ -177,11 +177,11 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
 
     from harness import measure
     from harness.data import tokenize_examples
-    from harness.evaluation import score_generation
+    from harness.evaluation import SCORERS, text_loss
     from harness.methods import apply_method, make_optimizer, optimizer_state_bytes, optimizer_state_dtypes
     from harness.metrics import load_metric
     from harness.models import load_model, load_tokenizer, resolve_model_source
-    from harness.tasks import load_task
+    from harness.tasks import general_texts, load_task
     from harness.train import lr_scheduler, train
 
     model_cfg, method, task_cfg, tcfg = config["model"], config["method"], config["task"], config["train"]
@@ -189,6 +189,8 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     # Data first: a bad task setting fails before any model is loaded.
     splits = load_task(task_cfg)
     metric = load_metric(task_cfg["metric"])
+    forgetting = config.get("forgetting")
+    forgetting_texts = general_texts(forgetting) if forgetting else None
 
     source = resolve_model_source(model_cfg)
     try:
@@ -197,7 +199,8 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     except OSError as e:
         raise OSError(f"cannot load model {source!r}: {e}") from e
     check_method_applies(method, model_config, tcfg["seq_len"], device)
-    tokenizer = load_tokenizer(source, model_cfg["revision"], model_cfg.get("trust_remote_code", False))
+    tokenizer = load_tokenizer(source, model_cfg["revision"], model_cfg.get("trust_remote_code", False),
+                               model_cfg.get("pad_token"))
     examples, dropped = tokenize_examples(splits["train"], tokenizer, tcfg["seq_len"])
     if not examples:
         raise ConfigError(f"train.seq_len={tcfg['seq_len']} is shorter than every training example")
@@ -211,6 +214,19 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     model = load_model(source, model_cfg["revision"], dtype=getattr(torch, method["base_dtype"]),
                        quantization=method.get("quantization"), device=device,
                        trust_remote_code=model_cfg.get("trust_remote_code", False))
+    autocast, metrics["autocast_dtype"] = autocast_for(device, tcfg["precision"])
+    metrics["wall_eval_s"] = 0.0
+
+    def general_loss() -> float:  # forgetting: loss on held-out general text
+        t = time.time()
+        value = text_loss(model, tokenizer, forgetting_texts, max_tokens=forgetting["max_tokens"],
+                          batch_size=forgetting["batch_size"], device=device, autocast=autocast)
+        metrics["wall_eval_s"] += time.time() - t
+        return value
+
+    if forgetting:  # the base model, as loaded for this method, before the method changes it
+        metrics["forgetting_loss_before"] = general_loss()
+        log.info("general-text loss before training (%s): %.4f", forgetting["name"], metrics["forgetting_loss_before"])
     weights = Path(source) / "model.safetensors"
     model = apply_method(model, method, max_steps=tcfg["max_steps"],
                          gradient_checkpointing=tcfg["gradient_checkpointing"],
@@ -220,14 +236,12 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
 
     # A real architecture with random weights measures memory and speed; its scores mean nothing.
     metrics["score_meaningful"] = model_cfg.get("init", "pretrained") != "random"
-    autocast, metrics["autocast_dtype"] = autocast_for(device, tcfg["precision"])
-    metrics["wall_eval_s"] = 0.0
 
     def score(split="test"):
         t = time.time()
-        value = score_generation(model, tokenizer, splits[split], metric, task_cfg["metric"],
-                                 batch_size=config["eval"]["batch_size"], max_new_tokens=task_cfg["max_new_tokens"],
-                                 device=device, autocast=autocast)
+        value = SCORERS[task_cfg["scoring"]](
+            model, tokenizer, splits[split], metric, task_cfg["metric"], batch_size=config["eval"]["batch_size"],
+            max_new_tokens=task_cfg["max_new_tokens"], device=device, autocast=autocast)
         metrics["wall_eval_s"] += time.time() - t
         return value
 
@@ -261,6 +275,11 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
         metrics["validation_score"], _ = score("validation")
     metrics["score"], metrics["score_samples"] = score()
     log.info("score after training: %s=%.4f", task_cfg["metric"], metrics["score"])
+    if forgetting:
+        metrics["forgetting_loss_after"] = general_loss()
+        metrics["forgetting"] = metrics["forgetting_loss_after"] - metrics["forgetting_loss_before"]
+        log.info("general-text loss after training: %.4f (forgetting %+.4f)", metrics["forgetting_loss_after"],
+                 metrics["forgetting"])
     metrics["adapter_bytes"] = adapter_bytes(model)
 
 

@@ -2,8 +2,9 @@
 
 Every model goes through `load_model`, which calls `from_pretrained` on a folder or a Hub id.
 The tiny models are first built once (random weights + a tokenizer trained here on a
-synthetic corpus) into a cache folder keyed by a hash of their config, then loaded from that
-folder like any local checkpoint.
+synthetic corpus, then with `init: pretrained` a short pretraining, harness/pretrain.py) into
+a cache folder keyed by a hash of their config, then loaded from that folder like any local
+checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the way tiny models are built changes, so old cache entries are not reused.
 TINY_BUILD_VERSION = 1
+PRETRAIN_VERSION = 1  # of harness/pretrain.py's corpus and loop
 RANDOM_BUILD_VERSION = 2  # 2: fast fill (fill_random)
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
@@ -51,12 +53,13 @@ def architectures() -> list[str]:
 def resolve_model_source(model_cfg: dict) -> str:
     """The folder or Hub id to load: for `init: random`, a checkpoint with random weights built
     from the model's shipped architecture; for the tiny models, their built folder."""
-    if model_cfg.get("init") == "random":
+    name_or_path = model_cfg.get("name_or_path")
+    init = model_cfg.get("init", "pretrained")
+    if not name_or_path and model_cfg.get("tiny"):
+        return str(build_tiny_model(model_cfg["tiny"], pretrained=init == "pretrained"))
+    if init == "random":
         arch = json.loads((ARCHITECTURES_DIR / f"{model_cfg['architecture']}.json").read_text())
         return str(build_random_model(arch, seed=0))
-    name_or_path = model_cfg.get("name_or_path")
-    if not name_or_path:
-        return str(build_tiny_model(model_cfg["tiny"]))
     if is_local_path(name_or_path):
         folder = Path(name_or_path).expanduser()
         if not (folder / "config.json").is_file():
@@ -71,29 +74,65 @@ def resolve_model_source(model_cfg: dict) -> str:
 # --------------------------------------------------------------------------- tiny family
 
 
-def tiny_cache_dir(tiny_cfg: dict) -> Path:
-    key = json.dumps({"build": TINY_BUILD_VERSION, **tiny_cfg}, sort_keys=True)
+def tiny_cache_dir(tiny_cfg: dict, pretrained: bool) -> Path:
+    if pretrained:
+        key = json.dumps({"build": TINY_BUILD_VERSION, "pretrain_version": PRETRAIN_VERSION, **tiny_cfg},
+                         sort_keys=True)
+    else:  # the random-init build does not depend on the pretraining settings
+        key = json.dumps({"build": TINY_BUILD_VERSION, **without_pretrain(tiny_cfg)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return cache_root() / "tiny-models" / digest
 
 
-def build_tiny_model(tiny_cfg: dict) -> Path:
-    """Build (once) and return the folder of a tiny Llama model described by `tiny_cfg`.
+def without_pretrain(tiny_cfg: dict) -> dict:
+    return {k: v for k, v in tiny_cfg.items() if k != "pretrain"}
+
+
+def is_built(model_cfg: dict) -> bool:
+    """True when the model needs no building (a Hub id or folder, or already in the cache)."""
+    name_or_path, init = model_cfg.get("name_or_path"), model_cfg.get("init", "pretrained")
+    if not name_or_path and model_cfg.get("tiny"):
+        return (tiny_cache_dir(model_cfg["tiny"], init == "pretrained") / "config.json").is_file()
+    return init != "random" or (random_cache_dir(
+        json.loads((ARCHITECTURES_DIR / f"{model_cfg['architecture']}.json").read_text()), 0) / "config.json").is_file()
+
+
+def build_tiny_model(tiny_cfg: dict, pretrained: bool = False) -> Path:
+    """Build (once) and return the folder of a tiny Llama model described by `tiny_cfg`:
+    random weights, or with `pretrained` those weights after `tiny_cfg["pretrain"]`'s
+    pretraining (harness/pretrain.py).
 
     The folder is written under a temporary name and renamed into place, so concurrent jobs
     of a sweep never see a half-written model.
     """
-    target = tiny_cache_dir(tiny_cfg)
+    target = tiny_cache_dir(tiny_cfg, pretrained)
     if (target / "config.json").is_file():
         return target
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if pretrained:
+        base = build_tiny_model(tiny_cfg, pretrained=False)
+        log.info("pretraining tiny model into %s (once; cached)", target)
+
+        def save_pretrained(folder: Path) -> None:
+            from harness.pretrain import pretrain
+
+            tokenizer = AutoTokenizer.from_pretrained(base)
+            model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+            with torch.random.fork_rng():
+                torch.manual_seed(tiny_cfg["pretrain"]["seed"])
+                pretrain(model, tokenizer, tiny_cfg["pretrain"])
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+
+        return save_into_place(target, save_pretrained)
 
     log.info("building tiny model into %s", target)
 
     def save(folder: Path) -> None:
         tokenizer = train_tokenizer(tiny_cfg["vocab_size"], seed=tiny_cfg["seed"])
-        arch = {k: v for k, v in tiny_cfg.items() if k not in ("vocab_size", "seed")}
+        arch = {k: v for k, v in tiny_cfg.items() if k not in ("vocab_size", "seed", "pretrain")}
         config = LlamaConfig(
             vocab_size=len(tokenizer),
             bos_token_id=tokenizer.bos_token_id,
@@ -170,14 +209,18 @@ def train_tokenizer(vocab_size: int, seed: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
 
 
+def random_cache_dir(architecture: dict, seed: int, vocab_size: int = 512) -> Path:
+    key = json.dumps({"build": RANDOM_BUILD_VERSION, "arch": architecture, "seed": seed, "vocab": vocab_size},
+                     sort_keys=True)
+    return cache_root() / "random-models" / hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
 def build_random_model(architecture: dict, seed: int, vocab_size: int = 512) -> Path:
     """Build (once, into the cache) a checkpoint of `architecture` (a config.json) with random
     bf16 weights and a small local tokenizer, so a real-size model can be measured with no
     download. Weights are initialized once, on the GPU if there is one, then loaded with
     `from_pretrained` like any checkpoint (quantized methods get real bitsandbytes layers)."""
-    key = json.dumps({"build": RANDOM_BUILD_VERSION, "arch": architecture, "seed": seed, "vocab": vocab_size},
-                     sort_keys=True)
-    target = cache_root() / "random-models" / hashlib.sha256(key.encode()).hexdigest()[:12]
+    target = random_cache_dir(architecture, seed, vocab_size)
     if (target / "config.json").is_file():
         return target
     import torch
@@ -226,15 +269,22 @@ def fill_random(model, std: float, seed: int, block: int = 1 << 22) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def load_tokenizer(source: str, revision: str | None, trust_remote_code: bool = False):
+def load_tokenizer(source: str, revision: str | None, trust_remote_code: bool = False, pad_token: str | None = None):
+    """The model's tokenizer, with a padding token: its own, else the model config's
+    `pad_token` (Llama 3: its reserved "<|finetune_right_pad_id|>"), else its EOS token.
+    The harness pads batches itself (training on the right, generation on the left), so the
+    tokenizer's padding side does not matter."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise OSError(f"cannot load the tokenizer of {source!r}: {e}") from e
-    if tokenizer.pad_token is None:  # Llama and others ship without one
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:  # Llama, SmolLM2 and others ship without one
+        if pad_token is not None and pad_token not in tokenizer.get_vocab():
+            raise ConfigError(f"model.pad_token={pad_token!r} is not a token of {source!r}'s tokenizer "
+                              "(null: pad with its EOS token)")
+        tokenizer.pad_token = pad_token if pad_token is not None else tokenizer.eos_token
     return tokenizer
 
 

@@ -35,10 +35,10 @@ def architecture_of(model_cfg: dict) -> dict:
         return json.loads((ARCHITECTURES_DIR / f"{model_cfg['architecture']}.json").read_text())
     name_or_path = model_cfg.get("name_or_path")
     if not name_or_path:
-        built = tiny_cache_dir(model_cfg["tiny"]) / "config.json"
+        built = tiny_cache_dir(model_cfg["tiny"], pretrained=False) / "config.json"
         if built.is_file():
             return json.loads(built.read_text())
-        return {"model_type": "llama", **{k: v for k, v in model_cfg["tiny"].items() if k != "seed"}}
+        return {"model_type": "llama", **{k: v for k, v in model_cfg["tiny"].items() if k not in ("seed", "pretrain")}}
     if is_local_path(name_or_path):
         path = Path(name_or_path).expanduser() / "config.json"
         try:

@@ -16,7 +16,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-SCHEMA_VERSION = 3  # 2: config_hash, status "cancelled"; 3: predicted memory
+SCHEMA_VERSION = 4  # 2: config_hash, status "cancelled"; 3: predicted memory; 4: forgetting
 SCHEMA_PATH = Path(__file__).with_name("result_schema.json")
 RESULT_NAME = "result.json"
 STATUSES = ("ok", "oom", "diverged", "error", "cancelled")

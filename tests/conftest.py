@@ -12,6 +12,14 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1",
                   TOKENIZERS_PARALLELISM="false")
 
+# absl (imported by rouge_score, the alpaca metric) makes a logging handler bound to the
+# sys.stderr of the moment and closes that stream whenever logging's handlers are shut down,
+# as Hydra's logging setup does in `run_cli`; under pytest that stream is pytest's capture
+# file. Bind it to the real stderr, which absl never closes.
+import absl.logging  # noqa: E402
+
+absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
 # Small settings that keep each job to a few seconds on 2 CPU cores.
 FAST = ["train.max_steps=20", "train.log_every=10", "task.n_test=20", "task.n_validation=20"]
 

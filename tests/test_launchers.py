@@ -17,6 +17,17 @@ sys.path.insert(0, str(Path(__file__).parent / "slurm"))
 import cluster  # noqa: E402
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def default_model_built(model_cache):
+    """Build (pretrain) the default tiny model once in the test process, as a user's first run
+    does; the launched jobs then find it in the cache instead of each building it at once."""
+    from harness.models import resolve_model_source
+
+    resolve_model_source(compose()["model"])
+
+
 SWEEP = ["-m", "method=lora,prompt,full,prefix", *FAST, "train.max_steps=10", "eval.before=false"]
 
 

@@ -80,7 +80,7 @@ def test_predicted_step_memory_matches_the_tensors_pytorch_holds(method, model_c
     from harness.methods import apply_method, make_optimizer
     from harness.models import load_model, resolve_model_source
 
-    cfg = compose(["model=tiny-5m", f"method={method}"])
+    cfg = compose(["model=tiny-5m", "model.init=random", f"method={method}"])
     m = cfg["method"]
     model = load_model(resolve_model_source(cfg["model"]), None, dtype=getattr(torch, m["base_dtype"]),
                        quantization=m.get("quantization"), device=torch.device("cpu"))
@@ -123,7 +123,7 @@ def test_parameter_count_of_a_tiny_model_matches_the_built_model(model_cache):
 
     from harness.models import build_tiny_model
 
-    folder = build_tiny_model(compose(["model=tiny-13m"])["model"]["tiny"])
+    folder = build_tiny_model(compose(["model=tiny-13m"])["model"]["tiny"], pretrained=False)
     arch = json.loads((folder / "config.json").read_text())
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -153,7 +153,7 @@ def test_memory_grows_with_batch_and_shrinks_with_checkpointing():
 def test_predicted_peak_is_within_25_percent_of_measured_rss(tmp_path):
     """Every method that runs on a CPU, on the largest tiny model at two batch sizes (16, 48),
     each job in its own process: the job's recorded prediction against its peak RSS delta."""
-    run = run_cli(["-m", "model=tiny-13m", f"method={','.join(CPU_METHODS)}", "train.batch_size=16,48",
+    run = run_cli(["-m", "model=tiny-13m", "model.init=random", f"method={','.join(CPU_METHODS)}", "train.batch_size=16,48",
                "train.max_steps=3", "train.warmup_steps=1", "measure.warmup_steps=1", "eval.before=false",
                "eval.validation=false", "task.n_test=8", "report.enabled=false",
                f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path)

@@ -3,19 +3,28 @@
 A builder is a module `harness/tasks/<builder>.py` with `build(task_cfg) -> datasets.DatasetDict`
 holding `train`, `validation` and `test` splits. Every example has a `prompt` and an `answer`
 string: training is causal LM on prompt+answer with the loss on the answer only. How the
-test split is scored is the task config's `scoring` (`generate`: greedy generation compared
-with the answer by the task's `evaluate` metric).
+test split is scored is the task config's `scoring`:
+
+- `generate`: greedy generation, compared with `answer` by the task's `evaluate` metric;
+- `choice`: each example also has `choices` (strings) and `label` (the right one's index,
+  whose text is `answer`); the prediction is the choice of highest log-likelihood after the
+  prompt, compared with `label` by the metric (accuracy).
+
+Builders of real datasets read them with `load_split` (a Hub id at a pinned revision, or a
+local folder in the same file layout) and cut their sizes with `take`.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from pathlib import Path
 
 from harness.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
-SCORINGS = ("generate",)
+SCORINGS = ("generate", "choice")
+COLUMNS = {"generate": {"prompt", "answer"}, "choice": {"prompt", "answer", "choices", "label"}}
 
 
 def builders() -> list[str]:
@@ -30,9 +39,68 @@ def load_task(task_cfg: dict):
         raise ConfigError(
             f"task.scoring={task_cfg['scoring']!r} is unknown (allowed: {', '.join(SCORINGS)})"
         )
+    import datasets
+
+    datasets.disable_progress_bars()  # the job logs what it loaded; a bar per map is noise
     splits = importlib.import_module(f"{__name__}.{builder}").build(task_cfg)
     for split in SPLITS:
-        missing = {"prompt", "answer"} - set(splits[split].column_names)
+        missing = COLUMNS[task_cfg["scoring"]] - set(splits[split].column_names)
         if missing:
             raise ConfigError(f"task {task_cfg['name']!r}: split {split!r} lacks columns {sorted(missing)}")
     return splits
+
+
+def load_split(source: dict, split: str, key: str = "task.dataset"):
+    """One split of a dataset through `datasets.load_dataset`: `source` has `path` (a Hub id,
+    read at `revision`, or a local folder holding the same files, e.g. a `snapshot_download`)
+    and `name` (the Hub config, or null). A source that cannot be read is a ConfigError."""
+    import datasets
+
+    from harness.models import is_local_path
+
+    path = str(source["path"])
+    local = is_local_path(path)
+    if local and not Path(path).expanduser().is_dir():
+        raise ConfigError(f"{key}.path={path!r}: no such folder (a local copy of the dataset, or a Hub id)")
+    try:
+        return datasets.load_dataset(str(Path(path).expanduser()) if local else path, source.get("name"),
+                                     split=split, revision=None if local else source.get("revision"))
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "" if local else f" at revision {source.get('revision')}"
+        raise ConfigError(f"{key}: cannot read split {split!r} of {path!r}{where} "
+                          f"(name={source.get('name')!r}): {first}")
+
+
+def take(dataset, n: int | None, key: str):
+    """The first `n` examples (all for null), or a ConfigError naming `key` if there are fewer."""
+    if n is None:
+        return dataset
+    if n > len(dataset):
+        raise ConfigError(f"{key}={n} exceeds the {len(dataset)} examples available (null takes all)")
+    return dataset.select(range(n))
+
+
+def shuffled(dataset, seed: int):
+    """`dataset` in an order fixed by the task's data seed (not the training seed)."""
+    return dataset.shuffle(seed=seed)
+
+
+def general_texts(forgetting_cfg: dict) -> list[str]:
+    """The held-out general text the forgetting metric scores: lines of a dataset (e.g.
+    WikiText) with at least `min_words` words, or for `source: synthetic` lines of the tiny
+    models' pretraining corpus (harness/pretrain.py) drawn with another seed; `n_texts` of them."""
+    n = forgetting_cfg["n_texts"]
+    if forgetting_cfg["source"] == "synthetic":
+        from harness.pretrain import corpus
+
+        return corpus(n, forgetting_cfg["seed"], forgetting_cfg["max_operand"], forgetting_cfg["held_out_below"])
+    if forgetting_cfg["source"] != "dataset":
+        raise ConfigError(f"forgetting.source={forgetting_cfg['source']!r}: allowed values are dataset, synthetic")
+    source = forgetting_cfg["dataset"]
+    rows = load_split(source, source["split"], "forgetting.dataset")[forgetting_cfg["text_column"]]
+    texts = [t.strip() for t in rows if len(t.split()) >= forgetting_cfg["min_words"]][:n]
+    if not texts:
+        raise ConfigError(f"forgetting.dataset: no text of {forgetting_cfg['min_words']}+ words in column "
+                          f"{forgetting_cfg['text_column']!r}")
+    return texts

@@ -1,0 +1,36 @@
+"""Alpaca: follow an instruction (with an optional input), scored by ROUGE-L of the greedy
+answer against the reference output (harness/metrics/rouge_l).
+
+The dataset has a train split only: test, validation and train are disjoint parts of it
+(`n_test`, `n_validation`, `n_train`, taken in that order after a shuffle by `seed`).
+Prompts use the Alpaca template's sections, without its preamble.
+"""
+
+from __future__ import annotations
+
+from harness.errors import ConfigError
+from harness.tasks import load_split, shuffled, take
+
+WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+WITHOUT_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def convert(example: dict) -> dict:
+    template = WITH_INPUT if example["input"].strip() else WITHOUT_INPUT
+    prompt = template.format(instruction=example["instruction"].strip(), input=example["input"].strip())
+    return {"prompt": prompt, "answer": example["output"].strip()}
+
+
+def build(task_cfg: dict):
+    import datasets
+
+    if task_cfg["n_test"] is None:
+        raise ConfigError("task.n_test=null: alpaca has one split to cut test, validation and train from; "
+                          "give n_test a number")
+    rows = shuffled(load_split(task_cfg["dataset"], "train"), task_cfg["seed"])
+    n_test, n_val = task_cfg["n_test"], task_cfg["n_validation"]
+    test = take(rows, n_test, "task.n_test")
+    validation = take(rows.select(range(n_test, len(rows))), n_val, "task.n_validation")
+    train = take(rows.select(range(n_test + n_val, len(rows))), task_cfg["n_train"], "task.n_train")
+    as_task = lambda ds: ds.map(convert, remove_columns=ds.column_names)  # noqa: E731
+    return datasets.DatasetDict({"train": as_task(train), "validation": as_task(validation), "test": as_task(test)})
