@@ -2,8 +2,10 @@
 
 The Hydra app (`python -m harness`) starts this process for every job, so that each job's
 peak memory is its own, and passes the resolved config as JSON on stdin. The job loads the
-model, applies the method, scores the model before training, trains, scores it again, and
-writes `OUT_DIR/result.json` whatever happens: `ok`, `oom`, `diverged` or `error`.
+task's data and the model (with `forgetting`, it measures the base model's loss on general
+text), applies the method, scores the model before training, trains, scores it again (and
+measures the general-text loss again), and writes `OUT_DIR/result.json` whatever happens:
+`ok`, `oom`, `diverged` or `error`.
 
 Exit codes: 0 for ok/oom/diverged, 1 for error, 2 for a bad configuration (one line on
 stderr, no result written).

@@ -51,8 +51,9 @@ def architectures() -> list[str]:
 
 
 def resolve_model_source(model_cfg: dict) -> str:
-    """The folder or Hub id to load: for `init: random`, a checkpoint with random weights built
-    from the model's shipped architecture; for the tiny models, their built folder."""
+    """The folder or Hub id to load: for the tiny models, their built folder (pretrained, or
+    with `init: random` not); for a real architecture with `init: random`, a checkpoint with
+    random weights built from its shipped config. Builds what is not in the cache yet."""
     name_or_path = model_cfg.get("name_or_path")
     init = model_cfg.get("init", "pretrained")
     if not name_or_path and model_cfg.get("tiny"):
