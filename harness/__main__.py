@@ -31,8 +31,8 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from harness.config import CONF_DIR, check_composes, check_group_choices, validate, visible_gpu_count
 from harness.errors import ConfigError
 from harness.callbacks import FAILED_IN_SWEEP, SWEEP
-from harness.launch import gpu_slot, launch_job
-from harness.models import is_built, resolve_model_source
+from harness.launch import build_model, gpu_slot, launch_job
+from harness.models import is_built
 from harness.results import RESULT_NAME, config_hash, reusable
 
 log = logging.getLogger("harness")
@@ -126,10 +126,11 @@ def run(cfg: DictConfig) -> str:
     if prepare_folder(out_dir, config_hash(config), config["force"]):
         return str(path)
     if not is_built(config["model"]):
-        # Build (and pretrain) a tiny or random-weight model here, once into the cache, so
-        # that no job's measured memory or time includes building it.
+        # Build (and pretrain) a tiny or random-weight model once into the cache before the
+        # job starts, so that no job's measured memory or time includes building it.
+        log.info("building model %s into the cache (once)", config["model"]["name"])
         try:
-            resolve_model_source(config["model"])
+            build_model(config["model"])
         except ConfigError as e:
             refuse(str(e), out_dir)
     command = shlex.join(["python", "-m", "harness", *sys.argv[1:]])

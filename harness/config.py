@@ -152,6 +152,14 @@ def _choice(cfg: dict, key: str, allowed) -> None:
         raise ConfigError(f"{key}={value!r}: allowed values are {', '.join(map(str, allowed))}")
 
 
+def _held_out_below(cfg: dict, section: str) -> None:
+    """The synthetic corpus draws operands up to max_operand, none of two below held_out_below."""
+    value, top = _get(cfg, f"{section}.held_out_below"), _get(cfg, f"{section}.max_operand")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+        raise ConfigError(f"{section}.held_out_below={value!r}: must be an integer from 0 to "
+                          f"{section}.max_operand={top}")
+
+
 def validate(cfg: dict) -> None:
     """Check a resolved job config (plain dict); raise ConfigError on the first bad value."""
     from harness.models import INIT_CHOICES, architectures, is_local_path
@@ -198,6 +206,8 @@ def validate(cfg: dict) -> None:
         _get(cfg, "model.tiny")
         for key in ("steps", "batch_size", "texts", "max_operand"):
             _positive_int(cfg, f"model.tiny.pretrain.{key}")
+        _positive_int(cfg, "model.tiny.pretrain.seed", minimum=0)
+        _held_out_below(cfg, "model.tiny.pretrain")
         _number(cfg, "model.tiny.pretrain.lr", positive=True)
     if not isinstance(cfg["model"].get("trust_remote_code", False), bool):
         raise ConfigError(f"model.trust_remote_code={cfg['model']['trust_remote_code']!r}: must be true or false")
@@ -225,6 +235,14 @@ def validate(cfg: dict) -> None:
         _choice(cfg, "forgetting.source", ("dataset", "synthetic"))
         for key in ("n_texts", "max_tokens", "batch_size"):
             _positive_int(cfg, f"forgetting.{key}")
+        if cfg["forgetting"]["source"] == "synthetic":
+            _positive_int(cfg, "forgetting.seed", minimum=0)
+            _positive_int(cfg, "forgetting.max_operand")
+            _held_out_below(cfg, "forgetting")
+        else:
+            for key in ("dataset.path", "dataset.split", "text_column"):
+                _get(cfg, f"forgetting.{key}")
+            _positive_int(cfg, "forgetting.min_words", minimum=0)
     for key in TASK_KEYS:
         _get(cfg, f"task.{key}")
     for key in ("n_train", "n_validation", "n_test", "max_new_tokens", "seq_len"):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import logging
 
+from harness.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -58,11 +60,14 @@ def sequence_logprobs(model, batch: dict):
     import torch
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, -batch["input_ids"].shape[1]:-1].float()
+    logits = logits[:, -batch["input_ids"].shape[1]:-1]
     targets = batch["labels"][:, 1:]
     scored = targets != -100
-    picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked * scored
+    # Only the scored positions in fp32 (for choices: a few tokens, not the whole vocabulary x length).
+    chosen = logits[scored].float()
+    logprobs = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
+    logprobs[scored] = chosen.gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(chosen, dim=-1)
+    return logprobs
 
 
 def choice_loglikelihoods(model, tokenizer, prompts: list[str], choices: list[list[str]], *, batch_size: int,
@@ -131,4 +136,6 @@ def text_loss(model, tokenizer, texts: list[str], *, max_tokens: int, batch_size
             total -= sequence_logprobs(model, batch).sum().item()
             count += sum(len(ids) - 1 for ids in encoded[start : start + batch_size])
     model.train(was_training)
+    if not count:
+        raise ConfigError("forgetting: no text of 2 or more tokens to score (raise forgetting.max_tokens, or check the texts)")
     return total / count

@@ -219,7 +219,7 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     autocast, metrics["autocast_dtype"] = autocast_for(device, tcfg["precision"])
     metrics["wall_eval_s"] = 0.0
 
-    def general_loss() -> float:  # forgetting: loss on held-out general text
+    def general_loss() -> float:  # forgetting: loss on general text outside the task
         t = time.time()
         value = text_loss(model, tokenizer, forgetting_texts, max_tokens=forgetting["max_tokens"],
                           batch_size=forgetting["batch_size"], device=device, autocast=autocast)

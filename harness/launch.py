@@ -50,17 +50,32 @@ def gpu_slot(folder: Path, slots: int):
         time.sleep(0.2)
 
 
-def run_job_process(payload: dict, out_dir: Path) -> int:
-    """Run one job in a fresh process forked from the preloaded forkserver; its exit code."""
-    from harness.job import run_child
-
+def forkserver():
+    """The multiprocessing context whose processes fork from the preloaded server."""
     if multiprocessing.get_start_method(allow_none=True) not in (None, "fork", "spawn", "forkserver"):
         # inside a joblib (loky) worker: job processes would inherit loky's start method name,
         # which plain multiprocessing cannot restore
         multiprocessing.set_start_method("forkserver", force=True)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
-    process = context.Process(target=run_child, args=(payload, str(out_dir)), name="harness-job")
+    return context
+
+
+def build_model(model_cfg: dict) -> str:
+    """Build (pretrain) a tiny or random-weight model into the cache in a process of its own,
+    forked from the server, so that what building allocates (on a GPU too) is freed when it
+    ends and never held by the launching process during the sweep. Returns its folder."""
+    from harness.models import resolve_model_source
+
+    with forkserver().Pool(1) as pool:
+        return pool.apply(resolve_model_source, (model_cfg,))
+
+
+def run_job_process(payload: dict, out_dir: Path) -> int:
+    """Run one job in a fresh process forked from the preloaded forkserver; its exit code."""
+    from harness.job import run_child
+
+    process = forkserver().Process(target=run_child, args=(payload, str(out_dir)), name="harness-job")
     process.start()
     try:
         process.join()

@@ -121,7 +121,7 @@ def build_tiny_model(tiny_cfg: dict, pretrained: bool = False) -> Path:
 
             tokenizer = AutoTokenizer.from_pretrained(base)
             model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
-            with torch.random.fork_rng():
+            with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(tiny_cfg["pretrain"]["seed"])
                 pretrain(model, tokenizer, tiny_cfg["pretrain"])
             model.save_pretrained(folder)
@@ -141,7 +141,7 @@ def build_tiny_model(tiny_cfg: dict, pretrained: bool = False) -> Path:
             pad_token_id=tokenizer.pad_token_id,
             **arch,
         )
-        with torch.random.fork_rng():  # the job's own random stream must not depend on the cache
+        with torch.random.fork_rng(devices=[]):  # the job's own random stream must not depend on the cache
             torch.manual_seed(tiny_cfg["seed"])
             model = LlamaForCausalLM(config)
         model.save_pretrained(folder)

@@ -32,9 +32,10 @@ def corpus(n_texts: int, seed: int, max_operand: int = 49, held_out_below: int =
     texts = []
     for _ in range(n_texts):
         kind = rng.random()
-        a, b = held_out_below - 1, held_out_below - 1
-        while a < held_out_below and b < held_out_below:
+        while True:  # draw until not both operands are held out
             a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+            if a >= held_out_below or b >= held_out_below:
+                break
         if kind < PLUS:
             texts.append(f"{a:02d}+{b:02d}={a + b:02d}")
         elif kind < MINUS:

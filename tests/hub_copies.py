@@ -43,16 +43,17 @@ def gsm8k(root: Path, n_train: int = 40, n_test: int = 12) -> Path:
     return root
 
 
-def metamathqa(root: Path, n: int = 40) -> Path:
-    """meta-math/MetaMathQA: one MetaMathQA-395K.json at the root (a JSON list of records)."""
-    rng = random.Random(1)
+def metamathqa(root: Path, gsm8k_root: Path) -> Path:
+    """meta-math/MetaMathQA: one MetaMathQA-395K.json at the root (a JSON list of records),
+    here rewrites of every question of the local GSM8K copy's train split, as MetaMathQA
+    rewrites GSM8K's."""
+    import datasets
+
     rows = []
-    for _ in range(n):
-        p = _word_problem(rng)
+    for p in datasets.Dataset.from_parquet(str(gsm8k_root / "main" / "train-00000-of-00001.parquet")):
         total = p["answer"].rsplit("#### ", 1)[1]
-        rows.append({"type": "GSM_Rephrased", "query": p["question"], "original_question": p["question"],
-                     "response": p["answer"].split("\n")[0].replace("<<", "").split(">>")[-1]
-                     + f"\nThe answer is: {total}"})
+        rows.append({"type": "GSM_Rephrased", "query": p["question"].replace("Tom", "Tim"),
+                     "original_question": p["question"], "response": f"Tim has {total} apples.\nThe answer is: {total}"})
     root.mkdir(parents=True, exist_ok=True)
     (root / "MetaMathQA-395K.json").write_text(json.dumps(rows))
     return root
@@ -71,7 +72,7 @@ def sst2(root: Path, n_train: int = 60, n_validation: int = 16, n_test: int = 8)
         out = []
         for i in range(n):
             label = rng.randint(0, 1)
-            out.append({"idx": i, "sentence": rng.choice(GOOD if label else BAD) + " ",
+            out.append({"idx": i, "sentence": f"{rng.choice(GOOD if label else BAD)} ( take {i} ) ",
                         "label": -1 if hidden else label})
         return out
 
@@ -88,13 +89,13 @@ def alpaca(root: Path, n: int = 60) -> Path:
     instruction, input, output, text."""
     rng = random.Random(3)
     rows = []
-    for _ in range(n):
+    for i in range(n):
         word = rng.choice(["cat", "river", "model", "garden", "number"])
         if rng.random() < 0.5:
-            rows.append({"instruction": f"Write a short sentence about a {word}.", "input": "",
+            rows.append({"instruction": f"Write a short sentence about a {word} number {i}.", "input": "",
                          "output": f"The {word} is here today."})
         else:
-            rows.append({"instruction": "Repeat the input.", "input": f"the {word}", "output": f"the {word}"})
+            rows.append({"instruction": "Repeat the input.", "input": f"the {word} {i}", "output": f"the {word} {i}"})
     for r in rows:
         r["text"] = f"### Instruction:\n{r['instruction']}\n\n### Response:\n{r['output']}"
     _parquet(root / "data" / "train-00000-of-00001-a09b74b3ef9c3b56.parquet", rows)

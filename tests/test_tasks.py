@@ -15,8 +15,9 @@ QUICK = ["train.max_steps=6", "train.log_every=10", "task.max_new_tokens=12", "t
 @pytest.fixture(scope="module")
 def copies(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub-copies")
-    return {name: getattr(hub_copies, name)(root / name)
-            for name in ("gsm8k", "metamathqa", "sst2", "alpaca", "wikitext")}
+    made = {name: getattr(hub_copies, name)(root / name) for name in ("gsm8k", "sst2", "alpaca", "wikitext")}
+    made["metamathqa"] = hub_copies.metamathqa(root / "metamathqa", made["gsm8k"])
+    return made
 
 
 def task(name: str, copies, *overrides):
@@ -46,16 +47,23 @@ def test_gsm8k_worked_answer_format():
     assert worked_answer(answer) == " She sold 48/2 = 24 clips in May.\nSo 48+24 = 72 in all.\nThe answer is 72."
 
 
-def test_gsm8k_can_train_on_metamathqa(copies):
+def test_gsm8k_can_train_on_metamathqa_without_the_validation_questions(copies):
     splits = task("gsm8k", copies, "task.train_source=metamathqa", f"task.metamathqa.path={copies['metamathqa']}",
                   "task.n_train=25", "task.n_validation=5")
     assert len(splits["train"]) == 25 and splits["train"][0]["answer"].split("\n")[-1].startswith("The answer is: ")
-    assert splits["validation"][0]["prompt"].startswith("Question: ")  # validation stays GSM8K
+    assert splits["validation"][0]["prompt"].startswith("Question: Tom")  # validation stays GSM8K
+    # the copy rewrites every GSM8K train question ("Tom" -> "Tim"); those of validation are dropped
+    rewritten = {p.replace("Tom", "Tim") for p in splits["validation"]["prompt"]}
+    assert not rewritten & set(splits["train"]["prompt"])
+    with pytest.raises(ConfigError, match="task.n_train=36 exceeds the 35 examples"):
+        task("gsm8k", copies, "task.train_source=metamathqa", f"task.metamathqa.path={copies['metamathqa']}",
+             "task.n_train=36", "task.n_validation=5")
 
 
 def test_sst2_test_is_the_labelled_validation_split(copies):
     splits = task("sst2", copies, "task.n_train=30", "task.n_validation=10")
     assert {k: len(v) for k, v in splits.items()} == {"train": 30, "validation": 10, "test": 16}
+    assert not set(splits["train"]["prompt"]) & set(splits["validation"]["prompt"])
     for row in splits["test"]:
         assert row["label"] in (0, 1) and row["choices"] == [" negative", " positive"]
         assert row["answer"] == row["choices"][row["label"]] and row["prompt"].startswith("Review: ")
@@ -66,6 +74,8 @@ def test_alpaca_cuts_three_disjoint_parts_from_one_split(copies):
     assert {k: len(v) for k, v in splits.items()} == {"train": 30, "validation": 10, "test": 10}
     assert all(p.startswith("### Instruction:\n") and p.endswith("### Response:\n") for p in splits["test"]["prompt"])
     assert any("### Input:\n" in p for p in splits["train"]["prompt"])
+    prompts = [set(splits[s]["prompt"]) for s in ("train", "validation", "test")]
+    assert sum(map(len, prompts)) == 50 and len(set.union(*prompts)) == 50  # 50 distinct rows, in one part each
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -76,6 +86,41 @@ def test_alpaca_cuts_three_disjoint_parts_from_one_split(copies):
 def test_bad_task_settings_name_the_key(copies, overrides, message):
     with pytest.raises(ConfigError, match=message):
         task("gsm8k", copies, *overrides)
+
+
+def test_a_dataset_without_the_tasks_columns_is_one_clear_error(copies):
+    from harness.tasks import load_task
+
+    cfg = compose(["task=alpaca", f"task.dataset.path={copies['gsm8k']}", "task.dataset.name=main"])["task"]
+    with pytest.raises(ConfigError, match=r"lacks the columns \['instruction', 'input', 'output'\] "
+                                          r"\(it has \['question', 'answer'\]\)"):
+        load_task(cfg)
+
+
+def test_two_local_copies_named_alike_are_not_confused(copies, tmp_path):
+    """datasets keys a local folder with README configs by its name only; each copy must still
+    be read from its own files."""
+    import shutil
+
+    import pandas as pd
+
+    other = tmp_path / "elsewhere" / "sst2"
+    shutil.copytree(copies["sst2"], other)
+    for split in ("train", "validation"):
+        path = other / "data" / f"{split}-00000-of-00001.parquet"
+        frame = pd.read_parquet(path)
+        frame["sentence"] = "changed " + frame["sentence"]
+        frame.to_parquet(path)
+    first = task("sst2", copies, "task.n_train=30", "task.n_validation=10")
+    second = load_task_at(other)
+    assert all(p.startswith("Review: changed ") for p in second["test"]["prompt"])
+    assert not any(p.startswith("Review: changed ") for p in first["test"]["prompt"])
+
+
+def load_task_at(folder):
+    from harness.tasks import load_task
+
+    return load_task(compose(["task=sst2", f"task.dataset.path={folder}", "task.n_train=30", "task.n_validation=10"])["task"])
 
 
 def test_a_missing_local_dataset_folder_is_one_clear_error(tmp_path):
@@ -121,10 +166,11 @@ def test_rouge_l_metric_scores_free_text():
 
 class RiggedModel:
     """A 'model' whose logits favour the tokens of the choice the prompt's marker token asks
-    for (`favour[marker] = choice tokens`), at every position: choice scoring must pick it."""
+    for (`favour[marker] = choice tokens`), at every position: choice scoring must pick it.
+    With `virtual`, it first returns that many junk positions, as prompt tuning does."""
 
-    def __init__(self, vocab: int, favour: dict[int, list[int]]):
-        self.vocab, self.favour, self.training = vocab, favour, False
+    def __init__(self, vocab: int, favour: dict[int, list[int]], virtual: int = 0):
+        self.vocab, self.favour, self.virtual, self.training = vocab, favour, virtual, False
 
     def eval(self):
         return self
@@ -141,7 +187,9 @@ class RiggedModel:
         for row, ids in enumerate(input_ids.tolist()):
             marker = next(t for t in ids if t in self.favour)
             logits[row, :, self.favour[marker]] = 5.0
-        return types.SimpleNamespace(logits=logits)
+        junk = torch.zeros(input_ids.shape[0], self.virtual, self.vocab)
+        junk[..., sum(self.favour.values(), [])] = -50.0  # read as a real position, it would spoil every choice
+        return types.SimpleNamespace(logits=torch.cat([junk, logits], dim=1))
 
 
 def test_choice_scoring_finds_the_forced_choice(model_cache):
@@ -166,6 +214,8 @@ def test_choice_scoring_finds_the_forced_choice(model_cache):
                                            "prediction": " positive"}
     wrong = RiggedModel(len(tok), {yes: neg, no: pos})
     assert score_choice(wrong, tok, data, accuracy, "accuracy", batch_size=3, device="cpu")[0] == 0.0
+    with_virtual_tokens = RiggedModel(len(tok), {yes: pos, no: neg}, virtual=7)
+    assert score_choice(with_virtual_tokens, tok, data, accuracy, "accuracy", batch_size=3, device="cpu")[0] == 1.0
 
 
 def test_choice_loglikelihood_is_the_models_own_loss(model_cache):

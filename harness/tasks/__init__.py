@@ -50,10 +50,11 @@ def load_task(task_cfg: dict):
     return splits
 
 
-def load_split(source: dict, split: str, key: str = "task.dataset"):
+def load_split(source: dict, split: str, key: str = "task.dataset", columns=()):
     """One split of a dataset through `datasets.load_dataset`: `source` has `path` (a Hub id,
     read at `revision`, or a local folder holding the same files, e.g. a `snapshot_download`)
-    and `name` (the Hub config, or null). A source that cannot be read is a ConfigError."""
+    and `name` (the Hub config, or null). A source that cannot be read, or lacks one of
+    `columns`, is a ConfigError."""
     import datasets
 
     from harness.models import is_local_path
@@ -62,14 +63,35 @@ def load_split(source: dict, split: str, key: str = "task.dataset"):
     local = is_local_path(path)
     if local and not Path(path).expanduser().is_dir():
         raise ConfigError(f"{key}.path={path!r}: no such folder (a local copy of the dataset, or a Hub id)")
+    kwargs = {"cache_dir": local_cache_dir(Path(path).expanduser())} if local else {"revision": source.get("revision")}
     try:
-        return datasets.load_dataset(str(Path(path).expanduser()) if local else path, source.get("name"),
-                                     split=split, revision=None if local else source.get("revision"))
+        dataset = datasets.load_dataset(str(Path(path).expanduser()) if local else path, source.get("name"),
+                                        split=split, **kwargs)
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "" if local else f" at revision {source.get('revision')}"
         raise ConfigError(f"{key}: cannot read split {split!r} of {path!r}{where} "
                           f"(name={source.get('name')!r}): {first}")
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ConfigError(f"{key}: split {split!r} of {path!r} lacks the columns {missing} "
+                          f"(it has {dataset.column_names})")
+    return dataset
+
+
+def local_cache_dir(folder: Path) -> str:
+    """A `datasets` cache folder of its own for a local dataset folder, named by its files'
+    paths, sizes and times: `datasets` keys a local folder whose README lists its configs by
+    the folder's name and those patterns only, so two copies named alike (or one copy changed
+    in place) would share a stale cache."""
+    import hashlib
+
+    import datasets
+
+    files = sorted(p for p in folder.resolve().rglob("*") if p.is_file())
+    stamp = "\n".join(f"{p}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in files)
+    digest = hashlib.sha256(stamp.encode()).hexdigest()[:16]
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "harness-local" / digest)
 
 
 def take(dataset, n: int | None, key: str):
@@ -87,7 +109,7 @@ def shuffled(dataset, seed: int):
 
 
 def general_texts(forgetting_cfg: dict) -> list[str]:
-    """The held-out general text the forgetting metric scores: lines of a dataset (e.g.
+    """The general text (outside the task) the forgetting metric scores: lines of a dataset (e.g.
     WikiText) with at least `min_words` words, or for `source: synthetic` lines of the tiny
     models' pretraining corpus (harness/pretrain.py) drawn with another seed; `n_texts` of them."""
     n = forgetting_cfg["n_texts"]
@@ -98,7 +120,8 @@ def general_texts(forgetting_cfg: dict) -> list[str]:
     if forgetting_cfg["source"] != "dataset":
         raise ConfigError(f"forgetting.source={forgetting_cfg['source']!r}: allowed values are dataset, synthetic")
     source = forgetting_cfg["dataset"]
-    rows = load_split(source, source["split"], "forgetting.dataset")[forgetting_cfg["text_column"]]
+    column = forgetting_cfg["text_column"]
+    rows = load_split(source, source["split"], "forgetting.dataset", columns=(column,))[column]
     texts = [t.strip() for t in rows if len(t.split()) >= forgetting_cfg["min_words"]][:n]
     if not texts:
         raise ConfigError(f"forgetting.dataset: no text of {forgetting_cfg['min_words']}+ words in column "

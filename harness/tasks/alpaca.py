@@ -11,6 +11,7 @@ from __future__ import annotations
 from harness.errors import ConfigError
 from harness.tasks import load_split, shuffled, take
 
+COLUMNS = ("instruction", "input", "output")
 WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 WITHOUT_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
@@ -27,7 +28,7 @@ def build(task_cfg: dict):
     if task_cfg["n_test"] is None:
         raise ConfigError("task.n_test=null: alpaca has one split to cut test, validation and train from; "
                           "give n_test a number")
-    rows = shuffled(load_split(task_cfg["dataset"], "train"), task_cfg["seed"])
+    rows = shuffled(load_split(task_cfg["dataset"], "train", columns=COLUMNS), task_cfg["seed"])
     n_test, n_val = task_cfg["n_test"], task_cfg["n_validation"]
     test = take(rows, n_test, "task.n_test")
     validation = take(rows.select(range(n_test, len(rows))), n_val, "task.n_validation")

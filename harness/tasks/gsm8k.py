@@ -1,8 +1,9 @@
 """GSM8K: grade-school math word problems, scored by the final number of a greedy answer.
 
 Test: GSM8K's test split. Training: GSM8K's train split, or with `train_source: metamathqa`
-MetaMathQA (GSM8K and MATH questions rewritten and answered by GPT-3.5). Validation: a part
-of GSM8K's train split kept out of training. Sizes are `n_train`, `n_validation`, `n_test`
+MetaMathQA (GSM8K and MATH questions rewritten and answered by GPT-3.5; rows rewritten from a
+validation question are dropped). Validation: a part of GSM8K's train split kept out of
+training. Sizes are `n_train`, `n_validation`, `n_test`
 (null: all), taken after a shuffle by the task's `seed`.
 
 A worked GSM8K answer ends in "#### 72"; it is trained on as the reasoning (calculator
@@ -19,6 +20,8 @@ from harness.tasks import load_split, shuffled, take
 
 TRAIN_SOURCES = ("gsm8k", "metamathqa")
 PROMPT = "Question: {question}\nAnswer:"
+GSM8K_COLUMNS = ("question", "answer")
+METAMATHQA_COLUMNS = ("query", "response", "original_question")
 
 
 def worked_answer(answer: str) -> str:
@@ -44,16 +47,21 @@ def build(task_cfg: dict):
     if source not in TRAIN_SOURCES:
         raise ConfigError(f"task.train_source={source!r}: allowed values are {', '.join(TRAIN_SOURCES)}")
     seed = task_cfg["seed"]
-    gsm_train = shuffled(load_split(task_cfg["dataset"], "train"), seed)
-    n_val = task_cfg["n_validation"] or 0
+    gsm_train = shuffled(load_split(task_cfg["dataset"], "train", columns=GSM8K_COLUMNS), seed)
+    n_val = task_cfg["n_validation"]
     validation = take(gsm_train, n_val, "task.n_validation")
     if source == "gsm8k":
         rest = gsm_train.select(range(n_val, len(gsm_train)))
         train, convert = take(rest, task_cfg["n_train"], "task.n_train"), from_gsm8k
-    else:
-        meta = shuffled(load_split(task_cfg["metamathqa"], "train", "task.metamathqa"), seed)
-        train, convert = take(meta, task_cfg["n_train"], "task.n_train"), from_metamathqa
-    test = take(shuffled(load_split(task_cfg["dataset"], "test"), seed), task_cfg["n_test"], "task.n_test")
+    else:  # MetaMathQA rewrites GSM8K's train questions: drop those of the validation part
+        held_out = {q.strip() for q in validation["question"]}
+        meta = load_split(task_cfg["metamathqa"], "train", "task.metamathqa", columns=METAMATHQA_COLUMNS)
+        meta = meta.filter(lambda row: row["original_question"].strip() not in held_out
+                           and row["query"].strip() not in held_out)
+        train = take(shuffled(meta, seed), task_cfg["n_train"], "task.n_train")
+        convert = from_metamathqa
+    test = take(shuffled(load_split(task_cfg["dataset"], "test", columns=GSM8K_COLUMNS), seed), task_cfg["n_test"],
+                "task.n_test")
     as_task = lambda ds, fn: ds.map(fn, remove_columns=ds.column_names)  # noqa: E731
     return datasets.DatasetDict({"train": as_task(train, convert), "validation": as_task(validation, from_gsm8k),
                                  "test": as_task(test, from_gsm8k)})
