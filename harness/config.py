@@ -163,6 +163,7 @@ def _held_out_below(cfg: dict, section: str) -> None:
 def validate(cfg: dict) -> None:
     """Check a resolved job config (plain dict); raise ConfigError on the first bad value."""
     from harness.models import INIT_CHOICES, architectures, is_local_path
+    from harness.tasks import check_local_folder
 
     _positive_int(cfg, "seed", minimum=0)
     device = _get(cfg, "device")
@@ -228,9 +229,8 @@ def validate(cfg: dict) -> None:
 
     for section, sub in (("task", "dataset"), ("task", "metamathqa"), ("forgetting", "dataset")):
         source = (cfg.get(section) or {}).get(sub)
-        path = str(source.get("path") or "") if isinstance(source, dict) else ""
-        if path and is_local_path(path) and not Path(path).expanduser().is_dir():
-            raise ConfigError(f"{section}.{sub}.path={path!r}: no such folder (a local copy of the dataset, or a Hub id)")
+        if isinstance(source, dict):
+            check_local_folder(source, f"{section}.{sub}")
     if cfg.get("forgetting"):
         _choice(cfg, "forgetting.source", ("dataset", "synthetic"))
         for key in ("n_texts", "max_tokens", "batch_size"):
@@ -245,7 +245,7 @@ def validate(cfg: dict) -> None:
             _positive_int(cfg, "forgetting.min_words", minimum=0)
     for key in TASK_KEYS:
         _get(cfg, f"task.{key}")
+    nullable = ("n_train", "n_test", "seq_len")  # null sizes take every example there is
     for key in ("n_train", "n_validation", "n_test", "max_new_tokens", "seq_len"):
-        if cfg["task"].get(key) is not None or key in ("n_validation", "max_new_tokens"):
-            if key in cfg["task"]:
-                _positive_int(cfg, f"task.{key}")
+        if key in cfg["task"] and not (key in nullable and cfg["task"][key] is None):
+            _positive_int(cfg, f"task.{key}")

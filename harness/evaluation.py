@@ -11,6 +11,21 @@ from harness.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def evaluating(model, autocast=contextlib.nullcontext):
+    """Eval mode, no gradients and the job's autocast, for the duration; the model's own
+    mode (training or not) is restored afterwards."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def generate_answers(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_tokens: int,
                      device, autocast=contextlib.nullcontext) -> list[str]:
     """Greedy completions of `prompts`, batched by length with left padding, in input order."""
@@ -19,9 +34,7 @@ def generate_answers(model, tokenizer, prompts: list[str], *, batch_size: int, m
     encoded = tokenizer(prompts)["input_ids"]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(prompts)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), autocast():
+    with evaluating(model, autocast):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             width = max(len(encoded[i]) for i in idx)
@@ -38,7 +51,6 @@ def generate_answers(model, tokenizer, prompts: list[str], *, batch_size: int, m
             new_tokens = out[:, width:]
             for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                 answers[i] = text
-    model.train(was_training)
     return answers
 
 
@@ -74,8 +86,6 @@ def choice_loglikelihoods(model, tokenizer, prompts: list[str], choices: list[li
                           device, autocast=contextlib.nullcontext) -> list[list[float]]:
     """For each prompt, the summed log-likelihood of each of its choices' tokens after it.
     Prompt and choice are tokenized apart and joined, exactly as training examples are."""
-    import torch
-
     from harness.data import IGNORE_INDEX, collate
 
     prompt_ids = tokenizer(prompts)["input_ids"]
@@ -85,16 +95,13 @@ def choice_loglikelihoods(model, tokenizer, prompts: list[str], choices: list[li
             rows.append((i, j, {"input_ids": p + ids, "labels": [IGNORE_INDEX] * len(p) + ids}))
     rows.sort(key=lambda r: len(r[2]["input_ids"]))
     scores = [[0.0] * len(options) for options in choices]
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), autocast():
+    with evaluating(model, autocast):
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             batch = collate([r[2] for r in chunk], tokenizer.pad_token_id, device)
             totals = sequence_logprobs(model, batch).sum(dim=1).tolist()
             for (i, j, _), total in zip(chunk, totals):
                 scores[i][j] = total
-    model.train(was_training)
     return scores
 
 
@@ -120,22 +127,17 @@ def text_loss(model, tokenizer, texts: list[str], *, max_tokens: int, batch_size
               autocast=contextlib.nullcontext) -> float:
     """Mean next-token loss (nats per token) of `model` on `texts`, each cut to `max_tokens`:
     the forgetting metric's measure of general language ability."""
-    import torch
-
     from harness.data import collate
 
     encoded = [ids[:max_tokens] for ids in tokenizer(texts)["input_ids"] if len(ids) > 1]
     encoded.sort(key=len)
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), autocast():
+    with evaluating(model, autocast):
         for start in range(0, len(encoded), batch_size):
             batch = collate([{"input_ids": ids, "labels": ids} for ids in encoded[start : start + batch_size]],
                             tokenizer.pad_token_id, device)
             total -= sequence_logprobs(model, batch).sum().item()
             count += sum(len(ids) - 1 for ids in encoded[start : start + batch_size])
-    model.train(was_training)
     if not count:
         raise ConfigError("forgetting: no text of 2 or more tokens to score (raise forgetting.max_tokens, or check the texts)")
     return total / count

@@ -50,6 +50,24 @@ def load_task(task_cfg: dict):
     return splits
 
 
+def check_local_folder(source: dict, key: str) -> bool:
+    """True if `source["path"]` names a local folder (False: a Hub id); a ConfigError naming
+    `key` if that folder does not exist."""
+    from harness.models import is_local_path
+
+    path = str(source.get("path") or "")
+    local = bool(path) and is_local_path(path)
+    if local and not Path(path).expanduser().is_dir():
+        raise ConfigError(f"{key}.path={path!r}: no such folder (a local copy of the dataset, or a Hub id)")
+    return local
+
+
+def converted(dataset, convert):
+    """`dataset` as task examples: `convert` maps a row to the task's columns, which replace
+    the dataset's own."""
+    return dataset.map(convert, remove_columns=dataset.column_names)
+
+
 def load_split(source: dict, split: str, key: str = "task.dataset", columns=()):
     """One split of a dataset through `datasets.load_dataset`: `source` has `path` (a Hub id,
     read at `revision`, or a local folder holding the same files, e.g. a `snapshot_download`)
@@ -57,12 +75,8 @@ def load_split(source: dict, split: str, key: str = "task.dataset", columns=()):
     `columns`, is a ConfigError."""
     import datasets
 
-    from harness.models import is_local_path
-
     path = str(source["path"])
-    local = is_local_path(path)
-    if local and not Path(path).expanduser().is_dir():
-        raise ConfigError(f"{key}.path={path!r}: no such folder (a local copy of the dataset, or a Hub id)")
+    local = check_local_folder(source, key)
     kwargs = {"cache_dir": local_cache_dir(Path(path).expanduser())} if local else {"revision": source.get("revision")}
     try:
         dataset = datasets.load_dataset(str(Path(path).expanduser()) if local else path, source.get("name"),

@@ -9,7 +9,7 @@ Prompts use the Alpaca template's sections, without its preamble.
 from __future__ import annotations
 
 from harness.errors import ConfigError
-from harness.tasks import load_split, shuffled, take
+from harness.tasks import converted, load_split, shuffled, take
 
 COLUMNS = ("instruction", "input", "output")
 WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -33,5 +33,5 @@ def build(task_cfg: dict):
     test = take(rows, n_test, "task.n_test")
     validation = take(rows.select(range(n_test, len(rows))), n_val, "task.n_validation")
     train = take(rows.select(range(n_test + n_val, len(rows))), task_cfg["n_train"], "task.n_train")
-    as_task = lambda ds: ds.map(convert, remove_columns=ds.column_names)  # noqa: E731
-    return datasets.DatasetDict({"train": as_task(train), "validation": as_task(validation), "test": as_task(test)})
+    return datasets.DatasetDict({"train": converted(train, convert), "validation": converted(validation, convert),
+                                 "test": converted(test, convert)})

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 
 from harness.errors import ConfigError
-from harness.tasks import load_split, shuffled, take
+from harness.tasks import converted, load_split, shuffled, take
 
 TRAIN_SOURCES = ("gsm8k", "metamathqa")
 PROMPT = "Question: {question}\nAnswer:"
@@ -62,6 +62,5 @@ def build(task_cfg: dict):
         convert = from_metamathqa
     test = take(shuffled(load_split(task_cfg["dataset"], "test", columns=GSM8K_COLUMNS), seed), task_cfg["n_test"],
                 "task.n_test")
-    as_task = lambda ds, fn: ds.map(fn, remove_columns=ds.column_names)  # noqa: E731
-    return datasets.DatasetDict({"train": as_task(train, convert), "validation": as_task(validation, from_gsm8k),
-                                 "test": as_task(test, from_gsm8k)})
+    return datasets.DatasetDict({"train": converted(train, convert), "validation": converted(validation, from_gsm8k),
+                                 "test": converted(test, from_gsm8k)})

@@ -9,7 +9,7 @@ by which choice it gives the higher log-likelihood.
 from __future__ import annotations
 
 from harness.errors import ConfigError
-from harness.tasks import load_split, shuffled, take
+from harness.tasks import converted, load_split, shuffled, take
 
 COLUMNS = ("sentence", "label")
 PROMPT = "Review: {sentence}\nSentiment:"
@@ -33,5 +33,5 @@ def build(task_cfg: dict):
         return {"prompt": PROMPT.format(sentence=example["sentence"].strip()), "answer": choices[label],
                 "choices": choices, "label": label}
 
-    as_task = lambda ds: ds.map(convert, remove_columns=ds.column_names)  # noqa: E731
-    return datasets.DatasetDict({"train": as_task(train), "validation": as_task(validation), "test": as_task(test)})
+    return datasets.DatasetDict({"train": converted(train, convert), "validation": converted(validation, convert),
+                                 "test": converted(test, convert)})
