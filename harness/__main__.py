@@ -28,7 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from harness.config import CONF_DIR, check_composes, check_group_choices, validate, visible_gpu_count
+from harness.config import CONF_DIR, check_composes, check_group_choices, gpu_count, validate, visible_gpu_count
 from harness.errors import ConfigError
 from harness.callbacks import FAILED_IN_SWEEP, SWEEP
 from harness.launch import build_model, gpu_slot, launch_job
@@ -143,6 +143,9 @@ def run(cfg: DictConfig) -> str:
             slots = visible_gpu_count()
         with gpu_slot(Path(hydra_cfg.sweep.dir) / ".gpu-slots", slots) as (slot, visible):
             payload["env"] = {"HARNESS_GPU_SLOT": str(slot), "CUDA_VISIBLE_DEVICES": visible}
+            if config["device"] == "cpu" or (config["device"] == "auto" and gpu_count() == 0):
+                # CPU jobs side by side: share the cores instead of each taking all of them
+                payload["env"]["HARNESS_CPU_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // slots))
             log.info("%s: GPU slot %d of %d (CUDA_VISIBLE_DEVICES=%s)", out_dir.name, slot, slots, visible)
             result = launch_job(payload, out_dir)
     else:

@@ -18,21 +18,28 @@ GROUPS = ("model", "method", "task", "sweep", "forgetting")
 PRECISIONS = ("bf16", "fp32")
 TASK_KEYS = ("name", "builder", "scoring", "metric", "max_new_tokens")  # every task config has these
 DTYPES = ("bfloat16", "float16", "float32")
+ADAMW_IMPLS = ("default", "forloop", "foreach", "fused")
 
 
-def visible_gpu_count() -> int:
+def gpu_count() -> int:
     """GPUs this process may use (CUDA_VISIBLE_DEVICES respected), from NVML without importing
-    torch; 1 when there is none, so that `hydra/launcher=local-gpus` runs one job at a time."""
+    torch; 0 without any."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return max(1, len([v for v in visible.split(",") if v.strip() and v.strip() != "-1"]))
+        return len([v for v in visible.split(",") if v.strip() and v.strip() != "-1"])
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        return max(1, pynvml.nvmlDeviceGetCount())
+        return pynvml.nvmlDeviceGetCount()
     except Exception:  # no NVIDIA driver
-        return 1
+        return 0
+
+
+def visible_gpu_count() -> int:
+    """gpu_count(), but 1 when there is none, so that `hydra/launcher=local-gpus` runs one job
+    at a time."""
+    return max(1, gpu_count())
 
 
 def register_resolvers() -> None:
@@ -178,6 +185,9 @@ def validate(cfg: dict) -> None:
     _number(cfg, "train.max_grad_norm")
     _choice(cfg, "train.schedule", SCHEDULES)
     _choice(cfg, "train.precision", PRECISIONS)
+    _choice(cfg, "train.adamw_impl", ADAMW_IMPLS)
+    if not isinstance(_get(cfg, "train.compile"), bool):
+        raise ConfigError(f"train.compile={cfg['train']['compile']!r}: must be true or false")
     _choice(cfg, "budget", ("default", "params", "memory"))
     _positive_int(cfg, "measure.warmup_steps", minimum=0)
     _number(cfg, "measure.sample_interval_s", positive=True)

@@ -59,3 +59,15 @@ def collate(examples: list[dict], pad_id: int, device) -> dict:
         mask.append([1] * len(e["input_ids"]) + [0] * pad)
     as_tensor = lambda rows: torch.tensor(rows, dtype=torch.long, device=device)  # noqa: E731
     return {"input_ids": as_tensor(ids), "attention_mask": as_tensor(mask), "labels": as_tensor(labels)}
+
+
+def batch_stream(examples: list[dict], batch_size: int, seed: int, pad_id: int, device) -> Iterator[dict]:
+    """Endless length-grouped batches of `examples` as the training loop takes them: model
+    inputs on `device`, plus `n_tokens` (non-padding tokens) and `n_labels` (tokens whose next
+    token carries a loss, as the causal-LM loss counts them)."""
+    lengths = [len(e["input_ids"]) for e in examples]
+    labelled = [sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in examples]
+    for idx in length_grouped_batches(lengths, batch_size, seed):
+        batch = [examples[i] for i in idx]
+        yield {**collate(batch, pad_id, device), "n_tokens": sum(lengths[i] for i in idx),
+               "n_labels": sum(labelled[i] for i in idx)}

@@ -94,15 +94,6 @@ def check_method_applies(method: dict, model_config, seq_len: int, device) -> No
         )
 
 
-def batch_stream(examples: list[dict], batch_size: int, seed: int, pad_id: int, device):
-    from harness.data import collate, length_grouped_batches
-
-    lengths = [len(e["input_ids"]) for e in examples]
-    for idx in length_grouped_batches(lengths, batch_size, seed):
-        batch = [examples[i] for i in idx]
-        yield {**collate(batch, pad_id, device), "n_tokens": sum(lengths[i] for i in idx)}
-
-
 def adapter_bytes(model) -> int:
     """Bytes a checkpoint of the trained weights takes: the saved adapter for PEFT methods,
     the trainable tensors' bytes for full fine-tuning (not written: it can be many GB)."""
@@ -178,9 +169,10 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     from transformers import AutoConfig
 
     from harness import measure
-    from harness.data import tokenize_examples
+    from harness.data import batch_stream, tokenize_examples
     from harness.evaluation import SCORERS, text_loss
-    from harness.methods import apply_method, make_optimizer, optimizer_state_bytes, optimizer_state_dtypes
+    from harness.methods import (adamw_impl_used, apply_method, make_optimizer, optimizer_state_bytes,
+                                 optimizer_state_dtypes)
     from harness.metrics import load_metric
     from harness.models import load_model, load_tokenizer, resolve_model_source
     from harness.tasks import general_texts, load_task
@@ -233,6 +225,7 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     model = apply_method(model, method, max_steps=tcfg["max_steps"],
                          gradient_checkpointing=tcfg["gradient_checkpointing"],
                          weights_file=str(weights) if weights.is_file() else None)
+    sampler.note_model(model)
     metrics.update(measure.count_params(model))
     metrics.update(measure.weight_bytes(model))
 
@@ -252,7 +245,7 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
         log.info("score before training: %s=%.4f", task_cfg["metric"], metrics["score_before"])
 
     metrics["lr"] = tcfg["lr"] * tcfg.get("lr_scale", 1.0)
-    optimizer = make_optimizer(model, method["optimizer"], metrics["lr"], tcfg["weight_decay"])
+    optimizer = make_optimizer(model, method["optimizer"], metrics["lr"], tcfg["weight_decay"], tcfg["adamw_impl"])
     scheduler = lr_scheduler(optimizer, tcfg["schedule"], tcfg["warmup_steps"], tcfg["max_steps"])
     timer = measure.StepTimer(device, config["measure"]["warmup_steps"])
     batches = batch_stream(examples, tcfg["batch_size"], config["seed"], tokenizer.pad_token_id, device)
@@ -260,13 +253,18 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     metrics["wall_setup_s"] = train_start - started - metrics["wall_eval_s"]
     losses = train(model, optimizer, scheduler, batches, max_steps=tcfg["max_steps"],
                    grad_accum=tcfg["grad_accum"], max_grad_norm=tcfg["max_grad_norm"], timer=timer,
-                   autocast=autocast, log_every=tcfg["log_every"])
+                   autocast=autocast, log_every=tcfg["log_every"], compile=tcfg["compile"], record=metrics,
+                   probe=sampler.probe)
     metrics["wall_train_s"] = time.time() - train_start
     metrics.update(sampler.stop())
     metrics.update(timer.summary())
     metrics.update(training_flops(model, model_config, method, examples, device, metrics["tokens_per_s"]))
     metrics.update(train_loss_first=losses[0], train_loss_last=losses[-1], train_losses=losses)
     metrics["optimizer"] = method["optimizer"]["name"]
+    metrics["adamw_impl"] = adamw_impl_used(optimizer)
+    if tcfg["adamw_impl"] != "default" and metrics["adamw_impl"] is None:
+        log.warning("train.adamw_impl=%s applies to torch's AdamW; %s has one implementation",
+                    tcfg["adamw_impl"], metrics["optimizer"])
     metrics["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
     metrics["optimizer_state_dtypes"] = optimizer_state_dtypes(optimizer)
     if hasattr(model, "peft_config") and method["peft"]["peft_type"] == "ADALORA":
@@ -308,6 +306,8 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
     out_dir.mkdir(parents=True, exist_ok=True)
     import_libraries()  # before the memory baseline, so library code is not counted as the job's
     device = pick_device(config["device"])
+    if device.type == "cpu" and os.environ.get("HARNESS_CPU_THREADS"):  # set by the local-gpus launcher
+        torch.set_num_threads(int(os.environ["HARNESS_CPU_THREADS"]))
     determinism = seed_everything(config["seed"], config["deterministic"])
     result = new_result(config)
     result["env"] = environment(device, command, list(overrides), determinism)

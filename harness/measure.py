@@ -4,13 +4,20 @@ Peak memory, by device (each reading minus its baseline, taken before the model 
   CUDA  torch's peak allocated and peak reserved (exact, from the caching allocator), and
         NVML "used" memory of the GPU, sampled. The headline is peak reserved: what the
         process's tensors really held on the card, allocator slack included.
-  CPU   process RSS, sampled, and the kernel's high-water mark (VmHWM on Linux). The headline
-        is the larger of the two (the high-water mark cannot miss a short spike).
+  CPU   the bytes malloc has handed out and not yet had back (glibc's mallinfo2(): every
+        tensor, oneDNN scratch and library buffer), sampled, plus the model's tensors that
+        live in memory-mapped checkpoint files (a load without a copy, which malloc never
+        sees): the headline, what the job's tensors really hold (`cpu_malloc_in_use`). Beside it, the OS view: the kernel's RSS
+        high-water mark (VmHWM on Linux), which also counts what the allocator keeps after a
+        free and the checkpoint file pages mapped while loading. Reading mallinfo2 changes
+        nothing in how the allocator behaves, and one call per sample is all the thread does;
+        without glibc (macOS, musl) RSS is sampled and the headline falls back to it.
 All values are MiB (2**20 bytes).
 """
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import signal
 import sys
@@ -37,6 +44,60 @@ def _max_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes, others: KiB
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2():
+    """glibc's mallinfo2 (glibc 2.33+), or None on other C libraries."""
+    try:
+        function = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
+_MALLINFO2 = _mallinfo2() if sys.platform.startswith("linux") else None
+
+
+def malloc_in_use_bytes() -> int | None:
+    """Bytes malloc has handed out and not had back, in every arena: small blocks in the heaps
+    (uordblks) plus the blocks it mmapped on their own (hblkhd). None without glibc."""
+    if _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return info.uordblks + info.hblkhd
+
+
+def file_mapped_tensor_bytes(module) -> int:
+    """Bytes of `module`'s parameters and buffers whose storage lies in a memory-mapped file.
+
+    transformers loads a safetensors checkpoint without copying when the dtype and device
+    match (a private mapping of the file): those weights are real memory of the job, but
+    malloc never handed them out. Linux only (/proc/self/maps); 0 elsewhere."""
+    try:
+        regions = []
+        for line in open("/proc/self/maps"):
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                regions.append((start, end))
+    except OSError:
+        return 0
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in seen or t.device.type != "cpu":
+            continue
+        seen.add(ptr)
+        if any(start <= ptr < end for start, end in regions):
+            total += storage.nbytes()
+    return total
+
+
 class MemorySampler:
     """Start before the model loads; `stop()` returns the peaks over the measured span.
 
@@ -45,7 +106,7 @@ class MemorySampler:
     MemoryLimitExceeded in the main thread as soon as it reads more than the limit.
     """
 
-    def __init__(self, device, interval_s: float = 0.01, limit_mb: float | None = None):
+    def __init__(self, device, interval_s: float = 0.05, limit_mb: float | None = None):
         import psutil
         import torch
 
@@ -64,6 +125,9 @@ class MemorySampler:
         else:
             self._process = psutil.Process()
             self.base_sampled = self._read()
+            self.base_in_use = malloc_in_use_bytes()
+            self.peak_in_use = self.peak_probed = self.base_in_use
+        self.mapped_bytes = 0  # CPU: model tensors mapped from checkpoint files (see note_model)
         self.peak_sampled = self.base_sampled
         self.samples = 0
         self.peaks: dict | None = None  # set by the first stop()
@@ -74,12 +138,28 @@ class MemorySampler:
             torch.cuda.set_per_process_memory_fraction(min(1.0, (self.base_reserved + limit_mb * MIB) / total),
                                                        self.device)
 
+    def probe(self) -> None:
+        """A reading from the training loop itself, at the moments memory peaks (after the
+        forward pass, after the optimizer step): one mallinfo2 call, so the thread can sample
+        slowly and still not miss a step's peak. A no-op on CUDA, whose peaks are exact."""
+        if self.device.type != "cuda" and self.base_in_use is not None:
+            self.peak_probed = max(self.peak_probed, malloc_in_use_bytes())
+
+    def note_model(self, model) -> None:
+        """Count, from now on, the model's tensors that live in mapped checkpoint files (CPU):
+        malloc does not see them. Call once the model is ready to train."""
+        if self.device.type == "cpu":
+            self.mapped_bytes = file_mapped_tensor_bytes(model)
+
     def usage_mb(self) -> float:
-        """Memory the job holds now above the baseline (torch reserved on CUDA, RSS on CPU)."""
+        """Memory the job holds now above the baseline, on the headline's basis: torch reserved
+        on CUDA, malloc in use on CPU (RSS without glibc)."""
         if self.device.type == "cuda":
             import torch
 
             return (torch.cuda.memory_reserved(self.device) - self.base_reserved) / MIB
+        if self.base_in_use is not None:
+            return (malloc_in_use_bytes() - self.base_in_use + self.mapped_bytes) / MIB
         return (self._read() - self.base_sampled) / MIB
 
     def _read(self) -> int:
@@ -93,12 +173,19 @@ class MemorySampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_sampled = max(self.peak_sampled, self._read())
-            self.samples += 1
+            self._sample()
             if self.limit_mb and self.exceeded_mb is None and (used := self.usage_mb()) > self.limit_mb:
                 self.exceeded_mb = used
                 signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
             self._stop.wait(self.interval_s)
+
+    def _sample(self) -> None:
+        if self.device.type != "cuda" and self.base_in_use is not None:
+            # one mallinfo2 call: the RSS peak comes from the kernel's high-water mark at the end
+            self.peak_in_use = max(self.peak_in_use, malloc_in_use_bytes())
+        else:
+            self.peak_sampled = max(self.peak_sampled, self._read())
+        self.samples += 1
 
     def _raise_exceeded(self, signum, frame) -> None:
         raise MemoryLimitExceeded(f"over memory_limit_mb={self.limit_mb:g}")
@@ -121,6 +208,7 @@ class MemorySampler:
         self._thread.join()
         if self.limit_mb:
             signal.signal(signal.SIGUSR1, self._previous_handler)
+        self._sample()
         self.peak_sampled = max(self.peak_sampled, self._read())
         sampled = (self.peak_sampled - self.base_sampled) / MIB
         if self.device.type == "cuda":
@@ -137,10 +225,13 @@ class MemorySampler:
                 "memory_samples": self.samples,
             }
         hwm = (_max_rss_bytes() - self.base_sampled) / MIB
+        in_use = None if self.base_in_use is None else (max(self.peak_in_use, self.peak_probed) - self.base_in_use) / MIB
         return {
-            "peak_memory_mb": max(sampled, hwm),
-            "memory_source": "cpu_rss",
-            "rss_peak_sampled_mb": sampled,
+            "peak_memory_mb": max(sampled, hwm) if in_use is None else in_use + self.mapped_bytes / MIB,
+            "memory_source": "cpu_rss" if in_use is None else "cpu_malloc_in_use",
+            "malloc_in_use_peak_mb": in_use,
+            "file_mapped_weights_mb": self.mapped_bytes / MIB,
+            "rss_peak_sampled_mb": sampled if in_use is None else None,  # with glibc, VmHWM stands alone
             "rss_high_water_mark_mb": hwm,
             "memory_samples": self.samples,
         }
@@ -148,10 +239,11 @@ class MemorySampler:
 
 def release_freed_cpu_memory(threshold_kb: int | None) -> int | None:
     """Have glibc's malloc serve blocks of `threshold_kb` and more with mmap, so they go back
-    to the OS when freed. By default glibc raises that threshold as a program frees large
-    blocks and keeps freed memory in its heap: the RSS peak then shows what the allocator
-    kept (1.5-2x the tensors in use, measured on the tiny models) rather than what the job
-    needed. Returns the threshold set in bytes, or None (not glibc, or not asked)."""
+    to the OS when freed and RSS follows the memory in use. Off by default
+    (`measure.cpu_mmap_threshold_kb: null`): it turns every large allocation into an mmap and
+    page faults, which cost a CPU job about a quarter of its speed (benchmarks/throughput.py),
+    and the headline reading (malloc in use) does not need it. Returns the threshold set in
+    bytes, or None (not glibc, or not asked)."""
     if not threshold_kb or not sys.platform.startswith("linux"):
         return None
     import ctypes
@@ -195,7 +287,12 @@ def synchronize(device) -> None:
 
 
 class StepTimer:
-    """Times optimizer steps (device synchronized) and counts their non-padding tokens."""
+    """Times optimizer steps (device synchronized) and counts their non-padding tokens.
+
+    Throughput is the tokens of the steps after the warm-up over the wall time from the end
+    of the warm-up to the end of the last step, so everything the loop does between steps
+    (data, logging, progress bar) counts; `step_time_ms` is the median time of one step.
+    """
 
     def __init__(self, device, warmup_steps: int):
         self.device = device
@@ -203,27 +300,34 @@ class StepTimer:
         self.times: list[float] = []
         self.tokens: list[int] = []
         self._t0 = 0.0
+        self._first_start: float | None = None
+        self._ends: list[float] = []
 
     def start(self) -> None:
         synchronize(self.device)
         self._t0 = time.perf_counter()
+        if self._first_start is None:
+            self._first_start = self._t0
 
     def stop(self, tokens: int) -> float:
         synchronize(self.device)
-        elapsed = time.perf_counter() - self._t0
-        self.times.append(elapsed)
+        end = time.perf_counter()
+        self._ends.append(end)
+        self.times.append(end - self._t0)
         self.tokens.append(tokens)
-        return elapsed
+        return end - self._t0
 
     def summary(self) -> dict:
-        times, tokens = self.times[self.warmup_steps :], self.tokens[self.warmup_steps :]
+        w = self.warmup_steps
+        times, tokens = self.times[w:], self.tokens[w:]
         if not times:
             return {"tokens_per_s": None, "step_time_ms": None, "timed_steps": 0}
+        window = self._ends[-1] - (self._ends[w - 1] if w else self._first_start)
         ordered = sorted(times)
         mid = len(ordered) // 2
         median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
         return {
-            "tokens_per_s": sum(tokens) / sum(times),
+            "tokens_per_s": sum(tokens) / window,
             "step_time_ms": median * 1000,
             "timed_steps": len(times),
         }

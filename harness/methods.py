@@ -102,7 +102,14 @@ def _is_linear(module) -> bool:
     return isinstance(module, torch.nn.Linear)
 
 
-def make_optimizer(model, optimizer_cfg: dict, lr: float, weight_decay: float):
+# train.adamw_impl -> torch.optim.AdamW's keyword arguments ("default": torch picks foreach on
+# CUDA and the for-loop on a CPU)
+ADAMW_IMPLS = {"default": {}, "forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+
+def make_optimizer(model, optimizer_cfg: dict, lr: float, weight_decay: float, adamw_impl: str = "default"):
+    """The method's optimizer. `adamw_impl` picks torch AdamW's implementation; bitsandbytes'
+    8-bit optimizers have one implementation each and ignore it (see `adamw_impl_used`)."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -110,13 +117,32 @@ def make_optimizer(model, optimizer_cfg: dict, lr: float, weight_decay: float):
     betas = tuple(optimizer_cfg.get("betas", (0.9, 0.999)))
     eps = optimizer_cfg.get("eps", 1e-8)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                 **ADAMW_IMPLS[adamw_impl])
     if name in ("adamw_8bit", "paged_adamw_8bit"):
         import bitsandbytes as bnb
 
         cls = bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit
         return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     raise ConfigError(f"method.optimizer.name={name!r} is unknown (allowed: {', '.join(OPTIMIZERS)})")
+
+
+def adamw_impl_used(optimizer) -> str | None:
+    """Which implementation torch's AdamW runs ("fused", "foreach", "forloop"); None for
+    other optimizers. Under "default" torch decides at the first step, by device."""
+    import torch
+
+    if type(optimizer) is not torch.optim.AdamW:
+        return None
+    group = optimizer.param_groups[0]
+    if group.get("fused"):
+        return "fused"
+    if group.get("foreach") is None:  # torch's default: foreach for CUDA tensors, else the for-loop
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        return "foreach" if _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)[1] else "forloop"
+    return "foreach" if group["foreach"] else "forloop"
 
 
 def optimizer_state_bytes(optimizer) -> int:

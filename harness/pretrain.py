@@ -51,23 +51,17 @@ def pretrain(model, tokenizer, settings: dict) -> list[float]:
     `settings["steps"]` steps of `settings["batch_size"]` texts; returns the losses."""
     import torch
 
-    from harness.data import collate, length_grouped_batches
+    from harness.data import batch_stream
     from harness.measure import StepTimer
     from harness.train import lr_scheduler, train
 
     texts = corpus(settings["texts"], settings["seed"], settings["max_operand"], settings["held_out_below"])
     ids = tokenizer(texts)["input_ids"]
     examples = [{"input_ids": x + [tokenizer.eos_token_id], "labels": x + [tokenizer.eos_token_id]} for x in ids]
-    lengths = [len(e["input_ids"]) for e in examples]
-
-    def batches():
-        for idx in length_grouped_batches(lengths, settings["batch_size"], settings["seed"]):
-            batch = [examples[i] for i in idx]
-            yield {**collate(batch, tokenizer.pad_token_id, "cpu"), "n_tokens": sum(lengths[i] for i in idx)}
-
+    batches = batch_stream(examples, settings["batch_size"], settings["seed"], tokenizer.pad_token_id, "cpu")
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.0)
     scheduler = lr_scheduler(optimizer, "cosine", settings["steps"] // 10, settings["steps"])
-    losses = train(model, optimizer, scheduler, batches(), max_steps=settings["steps"], grad_accum=1,
+    losses = train(model, optimizer, scheduler, batches, max_steps=settings["steps"], grad_accum=1,
                    max_grad_norm=1.0, timer=StepTimer(torch.device("cpu"), 0), log_every=max(1, settings["steps"] // 4))
     log.info("pretrained %d steps: loss %.3f -> %.3f", settings["steps"], losses[0], losses[-1])
     return losses

@@ -103,11 +103,17 @@ def compare(recorded: dict, rerun: dict, job: str = "", only=None) -> list[Check
     return checks
 
 
+# Keys added to `train` after results were first recorded, at the values that do what the
+# harness did before they existed (schema 5: torch.compile and AdamW's implementation).
+ADDED_TRAIN_KEYS = {"compile": False, "adamw_impl": "default"}
+
+
 def rerun(result: dict, workdir: Path) -> dict:
-    """Run the recorded job again into `workdir`; returns the new result."""
+    """Run the recorded job again into `workdir`; returns the new result. Keys the recorded
+    configuration predates get the values that reproduce it (ADDED_TRAIN_KEYS)."""
     from harness.launch import launch_job
 
-    config = result["config"]
+    config = {**result["config"], "train": {**ADDED_TRAIN_KEYS, **result["config"]["train"]}}
     payload = {"config": config, "command": "python -m harness.repro", "overrides": result["env"].get("overrides", [])}
     new = launch_job(payload, workdir)
     if new is None:

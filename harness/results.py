@@ -16,7 +16,8 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-SCHEMA_VERSION = 4  # 2: config_hash, status "cancelled"; 3: predicted memory; 4: forgetting
+SCHEMA_VERSION = 5  # 2: config_hash, status "cancelled"; 3: predicted memory; 4: forgetting;
+# 5: CPU peak memory is malloc in use (memory_source "cpu_malloc_in_use"), compile and adamw_impl
 SCHEMA_PATH = Path(__file__).with_name("result_schema.json")
 RESULT_NAME = "result.json"
 STATUSES = ("ok", "oom", "diverged", "error", "cancelled")

@@ -3,6 +3,11 @@
 Each optimizer step runs `grad_accum` micro-batches under autocast, clips gradients, steps
 the optimizer (then AdaLoRA's rank reallocation, if the model is AdaLoRA) and the LR
 schedule, and records the loss and the timing of the step.
+
+The loss of a step is the mean over all its labelled tokens, whatever the micro-batches hold
+(as torchtune and transformers normalise it): each micro-batch's mean loss is weighted by its
+share of the step's labelled tokens, so `grad_accum=4` x batch 8 makes the update that one
+batch of the same 32 examples makes, also when the examples' lengths differ.
 """
 
 from __future__ import annotations
@@ -64,35 +69,70 @@ def train(
     timer,
     autocast: Callable = contextlib.nullcontext,
     log_every: int = 10,
+    compile: bool = False,
+    record: dict | None = None,
+    probe: Callable[[], None] = lambda: None,
 ) -> list[float]:
     """Train for `max_steps` optimizer steps; returns the loss of every step.
 
-    `batches` yields dicts of model inputs plus `n_tokens` (non-padding tokens, a Python int).
-    Raises `Diverged` as soon as a step's loss is not finite.
+    With `compile`, the forward pass runs through `torch.compile(model, dynamic=True)` (built
+    in the first step, which the timer's warm-up covers: about a minute for a tiny model on
+    2 CPU cores); if the model cannot be
+    compiled, one warning says why and the loop trains eagerly from the same first step.
+    `record` (a dict), if given, gets `compiled` (bool) and `compile_error` (str or None).
+    `probe` is called where memory peaks (after each forward pass and after the optimizer
+    step): the memory sampler's reading from the loop itself.
+
+    `batches` yields dicts of model inputs plus `n_tokens` (non-padding tokens) and
+    `n_labels` (tokens that carry a loss), Python ints. Raises `Diverged` as soon as a step's
+    loss is not finite.
     """
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
     adalora = is_adalora(model)
     losses: list[float] = []
+    record = {} if record is None else record
+    record.update(compiled=compile, compile_error=None)
+    # dynamic shapes from the start: batches differ in length (and the last of an epoch in
+    # size), and recompiling for each new shape would land inside the timed steps
+    forward = torch.compile(model, dynamic=True) if compile else model
+    compile_errors = (torch._dynamo.exc.TorchDynamoException,) if compile else ()  # () catches nothing
     model.train()
+
+    def forward_backward(micro_batches: list[dict], shares: list[int]):
+        """Gradients of the step's token-mean loss; returns that loss (a tensor)."""
+        step_loss = torch.zeros((), device=params[0].device)
+        for batch, labelled in zip(micro_batches, shares):
+            weight = labelled / sum(shares)  # 1.0 without accumulation
+            with autocast():
+                out = forward(**batch)
+            probe()  # the activations are all held now
+            (out.loss * weight).backward()
+            # Log the task loss: AdaLoRA's objective adds its orthogonality regularizer.
+            logged = task_loss(out.logits, batch["labels"]) if adalora else out.loss.detach()
+            step_loss += logged * weight
+        return step_loss
+
     progress = tqdm(range(max_steps), desc="train", unit="step", disable=None)
     for step in progress:
         timer.start()
-        step_loss = torch.zeros((), device=params[0].device)
-        step_tokens = 0
-        for _ in range(grad_accum):
-            batch = next(batches)
-            step_tokens += batch.pop("n_tokens")
-            with autocast():
-                out = model(**batch)
-            (out.loss / grad_accum).backward()
-            # Log the task loss: AdaLoRA's objective adds its orthogonality regularizer.
-            logged = task_loss(out.logits, batch["labels"]) if adalora else out.loss.detach()
-            step_loss += logged / grad_accum
+        micro_batches = [next(batches) for _ in range(grad_accum)]
+        step_tokens = sum(b.pop("n_tokens") for b in micro_batches)
+        shares = [b.pop("n_labels") for b in micro_batches]
+        try:
+            step_loss = forward_backward(micro_batches, shares)
+        except compile_errors as e:  # torch.compile failed on this model
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            log.warning("train.compile=true: this model does not compile (%s); training eagerly", reason[:300])
+            record.update(compiled=False, compile_error=reason)
+            optimizer.zero_grad(set_to_none=True)
+            forward, compile_errors = model, ()
+            step_loss = forward_backward(micro_batches, shares)
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
+        probe()  # gradients, optimizer states and what the step made, at once
         if adalora:  # AdaLoRA prunes and reallocates ranks from the current gradients
             model.base_model.update_and_allocate(step)
         scheduler.step()

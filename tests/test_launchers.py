@@ -59,12 +59,15 @@ def test_local_gpus_runs_two_jobs_at_a_time_each_on_its_own_slot(tmp_path):
     spans = sorted((r["env"]["start_time"], r["env"]["end_time"], r["env"]["launch"]["gpu_slot"]) for r in two.values())
     # two at a time: the first two overlap, on different slots, each seeing only its own GPU
     assert spans[1][0] < spans[0][1] and spans[0][2] != spans[1][2]
+    cores = len(os.sched_getaffinity(0))
     for r in two.values():
         launch = r["env"]["launch"]
         assert launch["gpu_slot"] in (0, 1) and launch["cuda_visible_devices"] == str(launch["gpu_slot"])
+        assert r["env"]["cpu"]["torch_threads"] == max(1, cores // 2)  # no GPU: two jobs share the cores
     # the same sweep with the default launcher: the same results and report
     assert run_cli([*SWEEP, f"hydra.sweep.dir={sweeps['one']}"], cwd=tmp_path).returncode == 0
     for method, r in by_method(sweeps["one"]).items():
+        assert r["env"]["cpu"]["torch_threads"] == cores  # one job at a time: all of them
         assert r["metrics"]["train_losses"] == two[method]["metrics"]["train_losses"]
         assert r["metrics"]["score"] == two[method]["metrics"]["score"]
         assert r["config_hash"] == two[method]["config_hash"]

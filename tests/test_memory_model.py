@@ -150,9 +150,10 @@ def test_memory_grows_with_batch_and_shrinks_with_checkpointing():
 
 
 @pytest.mark.slow  # 32 jobs: run by .ci/run with -m slow
-def test_predicted_peak_is_within_25_percent_of_measured_rss(tmp_path):
+def test_predicted_peak_is_within_25_percent_of_the_measured_peak(tmp_path):
     """Every method that runs on a CPU, on the largest tiny model at two batch sizes (16, 48),
-    each job in its own process: the job's recorded prediction against its peak RSS delta."""
+    each job in its own process: the job's recorded prediction against its measured peak (the
+    CPU headline: malloc's bytes in use plus file-mapped weights, minus the baseline)."""
     run = run_cli(["-m", "model=tiny-13m", "model.init=random", f"method={','.join(CPU_METHODS)}", "train.batch_size=16,48",
                "train.max_steps=3", "train.warmup_steps=1", "measure.warmup_steps=1", "eval.before=false",
                "eval.validation=false", "task.n_test=8", "report.enabled=false",

@@ -35,7 +35,7 @@ def test_method_trains_and_writes_a_valid_result(method, method_results):
     assert m["score_before"] is None and 0 <= m["score"] <= 1 and 0 <= m["validation_score"] <= 1
     assert m["lr"] == result["config"]["train"]["lr"] * result["config"]["train"]["lr_scale"]
     assert m["tokens_per_s"] > 0 and m["step_time_ms"] > 0
-    assert m["peak_memory_mb"] >= 0 and m["memory_source"] == "cpu_rss"
+    assert m["peak_memory_mb"] >= 0 and m["memory_source"] == "cpu_malloc_in_use"
     assert 0 < m["trainable_params"] <= m["total_params"]
     assert m["adapter_bytes"] > 0 and m["optimizer_state_bytes"] > 0
     assert result["env"]["packages"]["torch"] and result["env"]["end_time"]

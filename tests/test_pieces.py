@@ -106,21 +106,70 @@ print(json.dumps(peaks))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     peaks = json.loads(out.strip().splitlines()[-1])
-    assert peaks["memory_source"] == "cpu_rss"
-    assert 250 <= peaks["peak_memory_mb"] < 400
+    assert peaks["memory_source"] == "cpu_malloc_in_use"
+    assert 256 <= peaks["peak_memory_mb"] < 270  # the tensor, plus little else
+    assert peaks["malloc_in_use_peak_mb"] == peaks["peak_memory_mb"]
     assert peaks["rss_high_water_mark_mb"] >= 250
 
 
-def test_step_timer_excludes_warmup_and_counts_tokens():
-    from harness.measure import StepTimer
+def test_cpu_peak_memory_is_the_most_in_use_at_once():
+    """Blocks allocated and freed in turn, of sizes glibc keeps in its heap after a free: the
+    headline is the most that was in use at once (two 64 MiB tensors at the end), whatever the
+    allocator kept."""
+    import subprocess
+    import sys
 
-    timer = StepTimer("cpu", warmup_steps=2)
-    timer.times, timer.tokens = [9.0, 9.0, 0.1, 0.3, 0.2], [1, 1, 100, 100, 100]
+    code = """
+import json, torch
+from harness.measure import MemorySampler
+sampler = MemorySampler("cpu", interval_s=0.002).start()
+for size in range(1, 17):  # 1-16 MiB, each pair freed before the next
+    a = torch.ones(size * 2**18); b = torch.ones(size * 2**18); del a, b
+keep = [torch.ones(2**24), torch.ones(2**24)]  # 2 x 64 MiB held at the end
+peaks = sampler.stop()
+print(json.dumps(peaks))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    peaks = json.loads(out.strip().splitlines()[-1])
+    assert 128 <= peaks["peak_memory_mb"] < 140
+
+
+def test_weights_mapped_from_a_checkpoint_file_count_as_memory(tmp_path):
+    """A same-dtype safetensors load maps the file instead of copying it: malloc never sees
+    those weights, so the sampler adds them (and only those)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from harness.measure import file_mapped_tensor_bytes
+    from harness.models import load_model
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)  # fp32 weights
+    param_bytes = lambda m: sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()  # noqa: E731
+                                 for p in m.parameters()}.values())
+    mapped = load_model(str(tmp_path), None, dtype=torch.float32, quantization=None, device="cpu")
+    assert file_mapped_tensor_bytes(mapped) == param_bytes(mapped) > 0
+    cast = load_model(str(tmp_path), None, dtype=torch.bfloat16, quantization=None, device="cpu")
+    assert file_mapped_tensor_bytes(cast) == 0  # cast on load: new tensors, from malloc
+
+
+def test_step_timer_excludes_warmup_and_counts_tokens(monkeypatch):
+    """Throughput is the tokens after the warm-up over the wall time from the warm-up's end to
+    the last step's end: the time between steps counts, the step time is the median."""
+    from harness import measure
+
+    clock = iter([0.0, 9.0,  10.0, 19.0,  20.0, 20.1,  20.5, 20.8,  21.0, 21.2])  # start, stop of 5 steps
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(clock))
+    timer = measure.StepTimer("cpu", warmup_steps=2)
+    for tokens in [1, 1, 100, 100, 100]:
+        timer.start()
+        timer.stop(tokens)
     s = timer.summary()
     assert s["timed_steps"] == 3
-    assert s["tokens_per_s"] == pytest.approx(300 / 0.6)
+    assert s["tokens_per_s"] == pytest.approx(300 / (21.2 - 19.0))
     assert s["step_time_ms"] == pytest.approx(200)
-    assert StepTimer("cpu", warmup_steps=5).summary()["tokens_per_s"] is None
+    assert measure.StepTimer("cpu", warmup_steps=5).summary()["tokens_per_s"] is None
 
 
 def test_weight_bytes_of_a_plain_model():
@@ -217,14 +266,11 @@ def test_a_local_model_folder_loads_through_the_same_path(tmp_path):
     assert result["config"]["model"]["name_or_path"] == str(folder)
 
 
-def test_gradient_accumulation_matches_one_big_batch():
-    """Two micro-batches of 4 give the gradient of one batch of 8 (same-size micro-batches)."""
+def regression():
+    """A one-layer model whose forward returns an object with `.loss`, as HF models do."""
     import types
 
     import torch
-
-    from harness.measure import StepTimer
-    from harness.train import train
 
     class Regression(torch.nn.Module):
         def __init__(self):
@@ -235,14 +281,24 @@ def test_gradient_accumulation_matches_one_big_batch():
         def forward(self, x, y):
             return types.SimpleNamespace(loss=torch.nn.functional.mse_loss(self.linear(x), y))
 
+    return Regression()
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    """Two micro-batches of 4 give the gradient of one batch of 8 (same-size micro-batches)."""
+    import torch
+
+    from harness.measure import StepTimer
+    from harness.train import train
+
     torch.manual_seed(1)
     x, y = torch.randn(8, 3), torch.randn(8, 1)
 
     def run(batches, grad_accum):
-        model = Regression()
+        model = regression()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-        stream = iter([{"x": bx, "y": by, "n_tokens": len(bx)} for bx, by in batches])
+        stream = iter([{"x": bx, "y": by, "n_tokens": len(bx), "n_labels": len(bx)} for bx, by in batches])
         timer = StepTimer("cpu", warmup_steps=0)
         losses = train(model, opt, sched, stream, max_steps=1, grad_accum=grad_accum, max_grad_norm=None,
                        timer=timer)
@@ -253,6 +309,99 @@ def test_gradient_accumulation_matches_one_big_batch():
     assert torch.allclose(big[0], small[0], atol=1e-6)
     assert big[1] == pytest.approx(small[1], abs=1e-6)
     assert small[2] == [8]  # tokens of both micro-batches counted in the step
+
+
+def test_accumulated_micro_batches_of_uneven_lengths_make_the_update_of_one_batch():
+    """grad_accum=4 x batch 8 and grad_accum=1 x batch 32 over the same 32 examples of uneven
+    lengths give the same parameters after one step: the loss is the mean over all labelled
+    tokens of the step, not the mean of the micro-batches' means (which this data tells apart)."""
+    import random
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from harness.data import IGNORE_INDEX, collate
+    from harness.measure import StepTimer
+    from harness.train import train
+
+    rng = random.Random(0)
+    examples = []
+    for i in range(32):  # short examples first, long ones last: micro-batches differ in labelled tokens
+        prompt, answer = rng.randint(2, 6), 2 + i // 2
+        ids = [rng.randrange(1, 100) for _ in range(prompt + answer)]
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+
+    def batch(rows):
+        labelled = sum(sum(x != IGNORE_INDEX for x in e["labels"][1:]) for e in rows)
+        return {**collate(rows, 0, "cpu"), "n_tokens": sum(len(e["input_ids"]) for e in rows), "n_labels": labelled}
+
+    def one_step(micro_batches, equal_weights=False):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2))
+        if equal_weights:  # the old normalisation: each micro-batch's mean loss / grad_accum
+            for b in micro_batches:
+                b["n_labels"] = 1
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        losses = train(model, opt, sched, iter(micro_batches), max_steps=1, grad_accum=len(micro_batches),
+                       max_grad_norm=None, timer=StepTimer("cpu", 0))
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), losses[0]
+
+    whole, whole_loss = one_step([batch(examples)])
+    accumulated, accumulated_loss = one_step([batch(examples[i:i + 8]) for i in range(0, 32, 8)])
+    assert torch.allclose(whole, accumulated, atol=1e-6, rtol=1e-5)
+    assert accumulated_loss == pytest.approx(whole_loss, rel=1e-5)
+    mean_of_means, _ = one_step([batch(examples[i:i + 8]) for i in range(0, 32, 8)], equal_weights=True)
+    assert not torch.allclose(whole, mean_of_means, atol=1e-4)  # the test tells the two apart
+
+
+def test_a_model_that_does_not_compile_trains_eagerly_and_says_so(monkeypatch, caplog):
+    """train.compile=true: when torch.compile fails on the model, one warning, the same losses
+    as an eager run, and `compiled: false` with the reason recorded."""
+    import torch
+
+    from harness.measure import StepTimer
+    from harness.train import train
+
+    def failing_compile(model, **options):
+        def forward(**batch):
+            raise torch._dynamo.exc.Unsupported("a layer this backend cannot trace")
+        return forward
+
+    torch.manual_seed(1)
+    data = [{"x": torch.randn(4, 3), "y": torch.randn(4, 1), "n_tokens": 4, "n_labels": 4} for _ in range(3)]
+
+    def run(compile):
+        model = regression()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        record = {}
+        losses = train(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), iter([dict(b) for b in data]),
+                       max_steps=3, grad_accum=1, max_grad_norm=1.0, timer=StepTimer("cpu", 0), compile=compile,
+                       record=record)
+        return losses, record
+
+    eager, eager_record = run(False)
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    with caplog.at_level("WARNING", logger="harness.train"):
+        fallen_back, record = run(True)
+    assert fallen_back == eager
+    assert eager_record == {"compiled": False, "compile_error": None}
+    assert record["compiled"] is False and "cannot trace" in record["compile_error"]
+    warnings = [r.getMessage() for r in caplog.records if "does not compile" in r.getMessage()]
+    assert len(warnings) == 1 and "training eagerly" in warnings[0]
+
+
+def test_adamw_implementation_is_chosen_and_reported():
+    import torch
+
+    from harness.methods import adamw_impl_used, make_optimizer
+
+    model = torch.nn.Linear(4, 4)
+    impls = {impl: adamw_impl_used(make_optimizer(model, {"name": "adamw"}, 1e-3, 0.0, impl))
+             for impl in ("default", "forloop", "foreach", "fused")}
+    assert impls == {"default": "forloop", "forloop": "forloop", "foreach": "foreach", "fused": "fused"}  # CPU tensors
+    assert adamw_impl_used(torch.optim.SGD(model.parameters(), lr=0.1)) is None
 
 
 def test_logged_task_loss_is_the_models_causal_lm_loss(model_cache):

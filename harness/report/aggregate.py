@@ -22,7 +22,8 @@ EXPECTED = KEYS + [
 LISTS = ["metrics.train_losses", "metrics.score_samples"]  # kept in the frame, not in the CSV
 
 
-READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)  # 2 added config_hash and status "cancelled"; 3 predicted memory; 4 forgetting
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4, 5)  # 2 added config_hash and status "cancelled"; 3 predicted memory; 4 forgetting;
+# 5 CPU peak memory as malloc in use
 
 
 def result_files(folder: Path) -> list[Path]:

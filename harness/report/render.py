@@ -18,6 +18,8 @@ BASELINE = "qlora"
 MEMORY_SOURCES = {
     "cuda_max_reserved": "torch's peak reserved CUDA memory minus its baseline taken just before "
                          "the model loads",
+    "cpu_malloc_in_use": "the peak of the bytes glibc's malloc had handed out (mallinfo2, sampled: every "
+                         "tensor and library buffer) minus its baseline taken just before the model loads",
     "cpu_rss": "the peak resident memory (RSS) of the job's process minus its baseline taken just "
                "before the model loads",
 }
