@@ -54,15 +54,29 @@ def generate_answers(model, tokenizer, prompts: list[str], *, batch_size: int, m
     return answers
 
 
-def score_generation(model, tokenizer, dataset, metric, metric_key: str, **kwargs) -> tuple[float, list[dict]]:
-    """The metric's value on `dataset`, and a few (prompt, reference, prediction) samples."""
+def example_ids(dataset) -> list:
+    """Ids that name each example the same way in every job of a task: the dataset's own `id`
+    or `idx` column, else the example's position in the split (which the task's seeded
+    shuffle fixes)."""
+    for column in ("id", "idx"):
+        if column in dataset.column_names:
+            return [v if isinstance(v, (int, str)) else str(v) for v in dataset[column]]
+    return list(range(len(dataset)))
+
+
+def score_generation(model, tokenizer, dataset, metric, metric_key: str,
+                     **kwargs) -> tuple[float, list[dict], list[dict]]:
+    """The metric's value on `dataset`, a few (prompt, reference, prediction) samples, and
+    each example's outcome (`example_id`, `score`, `prediction`)."""
     predictions = generate_answers(model, tokenizer, list(dataset["prompt"]), **kwargs)
-    value = metric.compute(predictions=predictions, references=list(dataset["answer"]))[metric_key]
+    computed = metric.compute(predictions=predictions, references=list(dataset["answer"]))
     samples = [
         {"prompt": p, "reference": r, "prediction": g}
         for p, r, g in list(zip(dataset["prompt"], dataset["answer"], predictions))[:5]
     ]
-    return float(value), samples
+    outcomes = [{"example_id": i, "score": float(s), "prediction": g}
+                for i, s, g in zip(example_ids(dataset), computed["per_example"], predictions)]
+    return float(computed[metric_key]), samples, outcomes
 
 
 def sequence_logprobs(model, batch: dict):
@@ -106,18 +120,22 @@ def choice_loglikelihoods(model, tokenizer, prompts: list[str], choices: list[li
 
 
 def score_choice(model, tokenizer, dataset, metric, metric_key: str, *, batch_size: int, device,
-                 autocast=contextlib.nullcontext, **_) -> tuple[float, list[dict]]:
-    """The metric (accuracy) of the likeliest choice against `label`, and a few samples."""
+                 autocast=contextlib.nullcontext, **_) -> tuple[float, list[dict], list[dict]]:
+    """The metric (accuracy) of the likeliest choice against `label`, a few samples, and each
+    example's outcome (`example_id`, `score`, `prediction`: the chosen index, and
+    `choice_logliks`: each choice's summed log-likelihood)."""
     scores = choice_loglikelihoods(model, tokenizer, list(dataset["prompt"]), list(dataset["choices"]),
                                    batch_size=batch_size, device=device, autocast=autocast)
     predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
     labels = list(dataset["label"])
-    value = metric.compute(predictions=predictions, references=labels)[metric_key]
+    computed = metric.compute(predictions=predictions, references=labels)
     samples = [
         {"prompt": p, "reference": c[label], "prediction": c[pred]}
         for p, c, label, pred in list(zip(dataset["prompt"], dataset["choices"], labels, predictions))[:5]
     ]
-    return float(value), samples
+    outcomes = [{"example_id": i, "score": float(s), "prediction": pred, "choice_logliks": loglik}
+                for i, s, pred, loglik in zip(example_ids(dataset), computed["per_example"], predictions, scores)]
+    return float(computed[metric_key]), samples, outcomes
 
 
 SCORERS = {"generate": score_generation, "choice": score_choice}

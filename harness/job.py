@@ -27,7 +27,8 @@ import warnings
 from pathlib import Path
 
 from harness.errors import ConfigError
-from harness.results import RESULT_NAME, environment, new_result, now, write_json_atomic
+from harness.results import (OUTCOMES_NAME, RESULT_NAME, environment, new_result, now, write_json_atomic,
+                             write_jsonl_atomic)
 
 log = logging.getLogger("harness.job")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
@@ -159,8 +160,9 @@ def predicted_memory(model_config, method: dict, tcfg: dict, longest: int, devic
     return {"predicted_peak_memory_mb": p["peak_mb"], "predicted_memory": p}
 
 
-def train_and_score(config: dict, device, metrics: dict, sampler, started: float) -> None:
-    """Everything a job measures, filled into `metrics` as soon as it is known.
+def train_and_score(config: dict, device, metrics: dict, sampler, started: float, outcomes: list) -> None:
+    """Everything a job measures, filled into `metrics` as soon as it is known, and each
+    scored example's outcome appended to `outcomes`.
 
     `started` is when the job's process was launched (time.time()); wall times are split into
     setup (process start, imports, model load, data), training and evaluation.
@@ -232,16 +234,18 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     # A real architecture with random weights measures memory and speed; its scores mean nothing.
     metrics["score_meaningful"] = model_cfg.get("init", "pretrained") != "random"
 
-    def score(split="test"):
+    def score(stage: str, split: str = "test"):
+        """The split's score; each example's outcome goes to `outcomes` (predictions.jsonl)."""
         t = time.time()
-        value = SCORERS[task_cfg["scoring"]](
+        value, samples, per_example = SCORERS[task_cfg["scoring"]](
             model, tokenizer, splits[split], metric, task_cfg["metric"], batch_size=config["eval"]["batch_size"],
             max_new_tokens=task_cfg["max_new_tokens"], device=device, autocast=autocast)
+        outcomes.extend({"split": split, "stage": stage, **o} for o in per_example)
         metrics["wall_eval_s"] += time.time() - t
-        return value
+        return value, samples
 
     if config["eval"]["before"]:
-        metrics["score_before"], _ = score()
+        metrics["score_before"], _ = score("before")
         log.info("score before training: %s=%.4f", task_cfg["metric"], metrics["score_before"])
 
     metrics["lr"] = tcfg["lr"] * tcfg.get("lr_scale", 1.0)
@@ -272,8 +276,8 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
         metrics["adalora_final_ranks"] = {k: int(sum(v)) for k, v in pattern.items()}
 
     if config["eval"].get("validation"):  # for choosing learning rates; the test split stays unseen
-        metrics["validation_score"], _ = score("validation")
-    metrics["score"], metrics["score_samples"] = score()
+        metrics["validation_score"], _ = score("after", "validation")
+    metrics["score"], metrics["score_samples"] = score("after")
     log.info("score after training: %s=%.4f", task_cfg["metric"], metrics["score"])
     if forgetting:
         metrics["forgetting_loss_after"] = general_loss()
@@ -318,8 +322,9 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
             config["measure"].get("cpu_mmap_threshold_kb"))
     metrics = result["metrics"]
     sampler = MemorySampler(device, config["measure"]["sample_interval_s"], config.get("memory_limit_mb")).start()
+    outcomes: list[dict] = []
     try:
-        train_and_score(config, device, metrics, sampler, started)
+        train_and_score(config, device, metrics, sampler, started, outcomes)
         result["status"] = "ok"
     except ConfigError:
         raise
@@ -345,6 +350,9 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
         metrics.update(sampler.stop())  # a no-op after training; on failure, the peak so far
     metrics["wall_total_s"] = time.time() - started
     result["env"]["end_time"] = now()
+    if outcomes:  # first, so that a whole result.json never names a missing or torn file
+        write_jsonl_atomic(out_dir / OUTCOMES_NAME, outcomes)
+        result["outcomes"] = {"file": OUTCOMES_NAME, "rows": len(outcomes)}
     write_json_atomic(out_dir / RESULT_NAME, result)
     return result
 

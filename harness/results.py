@@ -16,10 +16,12 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-SCHEMA_VERSION = 5  # 2: config_hash, status "cancelled"; 3: predicted memory; 4: forgetting;
-# 5: CPU peak memory is malloc in use (memory_source "cpu_malloc_in_use"), compile and adamw_impl
+SCHEMA_VERSION = 6  # 2: config_hash, status "cancelled"; 3: predicted memory; 4: forgetting;
+# 5: CPU peak memory is malloc in use (memory_source "cpu_malloc_in_use"), compile and adamw_impl;
+# 6: each scored example's outcome in predictions.jsonl (`outcomes`)
 SCHEMA_PATH = Path(__file__).with_name("result_schema.json")
 RESULT_NAME = "result.json"
+OUTCOMES_NAME = "predictions.jsonl"  # each scored example's outcome, one JSON object a line
 STATUSES = ("ok", "oom", "diverged", "error", "cancelled")
 FINAL_STATUSES = ("ok", "oom", "diverged")  # results a resumed sweep keeps; error/cancelled rerun
 # Keys that cannot change a job's outcome, left out of its configuration hash.
@@ -89,12 +91,20 @@ def new_result(config: dict, status: str = "error", error: str | None = None) ->
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it: readers see the
     old file, or no file, or the complete new one, never a torn one."""
+    _write_atomic(path, lambda f: (json.dump(data, f, indent=2, allow_nan=False), f.write("\n")))
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    """One JSON object per line, written as atomically as write_json_atomic."""
+    _write_atomic(path, lambda f: f.writelines(json.dumps(row, allow_nan=False) + "\n" for row in rows))
+
+
+def _write_atomic(path: Path, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
-            f.write("\n")
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -87,7 +87,7 @@ def test_exact_match_metric_loads_by_path_offline():
 
     metric = load_metric("exact_match")
     assert metric.compute(predictions=["19", " 7 ", "3"], references=["19", "7", "4"]) == {
-        "exact_match": pytest.approx(2 / 3)}
+        "exact_match": pytest.approx(2 / 3), "per_example": [1.0, 1.0, 0.0]}
 
 
 def test_memory_sampler_sees_an_allocation():

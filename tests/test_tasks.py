@@ -142,7 +142,7 @@ def test_number_match_accepts_number_formats(prediction, reference):
     from harness.metrics import load_metric
 
     assert load_metric("number_match").compute(predictions=[prediction], references=[reference]) == {
-        "number_match": 1.0}
+        "number_match": 1.0, "per_example": [1.0]}
 
 
 @pytest.mark.parametrize("prediction,reference", [
@@ -152,7 +152,7 @@ def test_number_match_rejects_other_numbers(prediction, reference):
     from harness.metrics import load_metric
 
     assert load_metric("number_match").compute(predictions=[prediction], references=[reference]) == {
-        "number_match": 0.0}
+        "number_match": 0.0, "per_example": [0.0]}
 
 
 def test_rouge_l_metric_scores_free_text():
@@ -209,9 +209,12 @@ def test_choice_scoring_finds_the_forced_choice(model_cache):
         "choices": [choices] * len(labels), "label": labels})
     accuracy = load_metric("accuracy")
     right = RiggedModel(len(tok), {yes: pos, no: neg})
-    score, samples = score_choice(right, tok, data, accuracy, "accuracy", batch_size=3, device="cpu")
+    score, samples, outcomes = score_choice(right, tok, data, accuracy, "accuracy", batch_size=3, device="cpu")
     assert score == 1.0 and samples[0] == {"prompt": data[0]["prompt"], "reference": " positive",
                                            "prediction": " positive"}
+    assert [o["example_id"] for o in outcomes] == list(range(len(labels)))  # no id column: the position
+    assert [o["prediction"] for o in outcomes] == labels and all(o["score"] == 1.0 for o in outcomes)
+    assert all(o["choice_logliks"][y] > o["choice_logliks"][1 - y] for o, y in zip(outcomes, labels))
     wrong = RiggedModel(len(tok), {yes: neg, no: pos})
     assert score_choice(wrong, tok, data, accuracy, "accuracy", batch_size=3, device="cpu")[0] == 0.0
     with_virtual_tokens = RiggedModel(len(tok), {yes: pos, no: neg}, virtual=7)
@@ -257,6 +260,45 @@ def test_each_real_task_trains_and_scores_from_its_local_copy(copies, tmp_path, 
     assert m["score_samples"] and all(s["prompt"].startswith(prefix) for s in m["score_samples"])
     if name == "sst2":
         assert all(s["prediction"] in (" negative", " positive") for s in m["score_samples"])
+    assert_outcomes_match_scores(result, tmp_path)
+
+
+def test_outcomes_of_a_generation_job_before_and_after_training(tmp_path):
+    """The default task (exact match of generated answers), scored before and after training."""
+    result = run_in_process(tmp_path, ["method=lora", "train.max_steps=6", "eval.before=true"])
+    assert result["status"] == "ok", result["error"]
+    assert result["metrics"]["score_before"] is not None
+    assert_outcomes_match_scores(result, tmp_path)
+
+
+def assert_outcomes_match_scores(result: dict, folder) -> None:
+    """predictions.jsonl holds one row per scored example and stage, whose scores average to
+    the recorded score exactly; ids are the same before and after training."""
+    import json
+
+    assert result["outcomes"]["file"] == "predictions.jsonl"
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == result["outcomes"]["rows"]
+    m = result["metrics"]
+    stages = {("test", "after"): m["score"], ("validation", "after"): m["validation_score"],
+              ("test", "before"): m["score_before"]}
+    for (split, stage), recorded in stages.items():
+        scores = [r["score"] for r in rows if r["split"] == split and r["stage"] == stage]
+        if recorded is None:
+            assert not scores
+            continue
+        assert scores and sum(scores) / len(scores) == recorded
+    ids = {stage: [r["example_id"] for r in rows if r["split"] == "test" and r["stage"] == stage]
+           for stage in ("before", "after")}
+    if ids["before"]:
+        assert ids["before"] == ids["after"] and len(set(ids["after"])) == len(ids["after"])
+    scoring = result["config"]["task"]["scoring"]
+    for r in rows:
+        if scoring == "choice":
+            assert r["score"] in (0.0, 1.0) and isinstance(r["prediction"], int)
+            assert len(r["choice_logliks"]) == len(result["config"]["task"]["choices"])
+        else:
+            assert isinstance(r["prediction"], str) and 0.0 <= r["score"] <= 1.0
 
 
 def test_forgetting_is_measured_before_and_after_and_reported(copies, tmp_path):

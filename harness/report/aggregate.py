@@ -22,8 +22,8 @@ EXPECTED = KEYS + [
 LISTS = ["metrics.train_losses", "metrics.score_samples"]  # kept in the frame, not in the CSV
 
 
-READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4, 5)  # 2 added config_hash and status "cancelled"; 3 predicted memory; 4 forgetting;
-# 5 CPU peak memory as malloc in use
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4, 5, 6)  # 2 added config_hash and status "cancelled"; 3 predicted memory; 4 forgetting;
+# 5 CPU peak memory as malloc in use; 6 per-example outcomes
 
 
 def result_files(folder: Path) -> list[Path]:

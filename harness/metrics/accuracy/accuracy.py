@@ -4,7 +4,7 @@ import datasets
 import evaluate
 
 _DESCRIPTION = """
-Fraction of predictions equal to their reference label. Returns {"accuracy": float in [0, 1]}.
+Fraction of predictions equal to their reference label. Returns {"accuracy": float in [0, 1], "per_example": each example's value, whose mean it is}.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -29,5 +29,6 @@ class Accuracy(evaluate.Metric):
         )
 
     def _compute(self, predictions, references):
-        hits = sum(int(p) == int(r) for p, r in zip(predictions, references))
-        return {"accuracy": hits / len(references) if references else 0.0}
+        per_example = [float(int(p) == int(r)) for p, r in zip(predictions, references)]
+        return {"accuracy": sum(per_example) / len(per_example) if per_example else 0.0,
+                "per_example": per_example}

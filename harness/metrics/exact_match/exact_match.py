@@ -5,7 +5,7 @@ import evaluate
 
 _DESCRIPTION = """
 Fraction of predictions equal to their reference after `str.strip()` on both.
-Returns {"exact_match": float in [0, 1]}.
+Returns {"exact_match": float in [0, 1], "per_example": each example's value, whose mean it is}.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -32,5 +32,6 @@ class ExactMatch(evaluate.Metric):
         )
 
     def _compute(self, predictions, references):
-        hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
-        return {"exact_match": hits / len(references) if references else 0.0}
+        per_example = [float(p.strip() == r.strip()) for p, r in zip(predictions, references)]
+        return {"exact_match": sum(per_example) / len(per_example) if per_example else 0.0,
+                "per_example": per_example}

@@ -12,7 +12,7 @@ The number taken from a text is the one after its first answer marker ("The answ
 "answer:", "####") if it has one, else its last number. Numbers are compared as values:
 thousands separators, a currency sign and trailing zeros after a decimal point are ignored
 ("1,234" = "1234", "42.0" = "42", "$5" = "5"). A text without a number never matches.
-Returns {"number_match": float in [0, 1]}.
+Returns {"number_match": float in [0, 1], "per_example": each example's value, whose mean it is}.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -60,8 +60,9 @@ class NumberMatch(evaluate.Metric):
         )
 
     def _compute(self, predictions, references):
-        hits = 0
+        per_example = []
         for p, r in zip(predictions, references):
             want = final_number(r)
-            hits += want is not None and final_number(p) == want
-        return {"number_match": hits / len(references) if references else 0.0}
+            per_example.append(float(want is not None and final_number(p) == want))
+        return {"number_match": sum(per_example) / len(per_example) if per_example else 0.0,
+                "per_example": per_example}

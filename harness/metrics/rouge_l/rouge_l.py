@@ -7,7 +7,7 @@ _DESCRIPTION = """
 Mean ROUGE-L F-measure (longest common subsequence of words, after rouge_score's default
 tokenization: lower case, letters and digits only, Porter stemming) of each prediction
 against its reference. Suited to free-text answers (instruction following, summaries).
-Returns {"rouge_l": float in [0, 1]}.
+Returns {"rouge_l": float in [0, 1], "per_example": each example's value, whose mean it is}.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -39,4 +39,4 @@ class RougeL(evaluate.Metric):
 
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
         scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
-        return {"rouge_l": sum(scores) / len(scores) if scores else 0.0}
+        return {"rouge_l": sum(scores) / len(scores) if scores else 0.0, "per_example": scores}
