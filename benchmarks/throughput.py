@@ -49,7 +49,7 @@ RESULTS = REPO / "benchmarks" / "results"
 # the timing (the real architecture with random weights: memory and speed only, no score)
 MODELS = {
     "tiny-5m": (["model=tiny-5m", "train.batch_size=32"], 60, 5),
-    "smollm2-135m": (["model=smollm2-135m", "model.init=random", "train.batch_size=8"], 24, 4),
+    "smollm2-135m": (["model=smollm2-135m", "model.init=random", "train.batch_size=8"], 20, 4),
 }
 METHODS = ("lora", "qlora", "full")
 EXTRA = ("tiny-5m:adalora",)  # AdaLoRA's per-step rank bookkeeping, in all three loops
@@ -272,7 +272,7 @@ def render(rows: list[dict], info: dict, command: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--configs", default=",".join([f"{m}:{x}" for m in MODELS for x in METHODS] + list(EXTRA)),
                         help="model:method pairs, comma-separated")
     parser.add_argument("--audit", default="tiny-5m:lora", help="model:method pairs for the audit variants ('' for none)")

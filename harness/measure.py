@@ -7,9 +7,10 @@ Peak memory, by device (each reading minus its baseline, taken before the model 
   CPU   the bytes malloc has handed out and not yet had back (glibc's mallinfo2(): every
         tensor, oneDNN scratch and library buffer), sampled, plus the model's tensors that
         live in memory-mapped checkpoint files (a load without a copy, which malloc never
-        sees): the headline, what the job's tensors really hold (`cpu_malloc_in_use`). Beside it, the OS view: the kernel's RSS
-        high-water mark (VmHWM on Linux), which also counts what the allocator keeps after a
-        free and the checkpoint file pages mapped while loading. Reading mallinfo2 changes
+        sees): the headline, what the job's tensors really hold (`cpu_malloc_in_use`).
+        Beside it, the OS view: the kernel's RSS high-water mark (VmHWM on Linux), which also
+        counts what the allocator keeps after a free and the checkpoint file pages mapped
+        while loading. Reading mallinfo2 changes
         nothing in how the allocator behaves, and one call per sample is all the thread does;
         without glibc (macOS, musl) RSS is sampled and the headline falls back to it.
 All values are MiB (2**20 bytes).

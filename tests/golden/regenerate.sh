@@ -9,7 +9,7 @@ python -m harness -m model=tiny-1m method=lora,qlora,full seed=0 train.max_steps
     report.enabled=false "hydra.sweep.dir=$tmp"
 for method in lora qlora full; do
     mkdir -p "tests/golden/$method"
-    cp "$tmp"/*_"$method"_*/result.json "tests/golden/$method/result.json"
+    cp "$tmp"/*_"$method"_*/result.json "$tmp"/*_"$method"_*/predictions.jsonl "tests/golden/$method/"
 done
 rm -rf "$tmp"
 echo "golden results written under tests/golden/"
