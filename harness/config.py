@@ -11,6 +11,7 @@ from numbers import Real
 from pathlib import Path
 
 from harness.errors import ConfigError
+from harness.methods import ADAMW_IMPLS
 from harness.train import SCHEDULES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -18,7 +19,6 @@ GROUPS = ("model", "method", "task", "sweep", "forgetting")
 PRECISIONS = ("bf16", "fp32")
 TASK_KEYS = ("name", "builder", "scoring", "metric", "max_new_tokens")  # every task config has these
 DTYPES = ("bfloat16", "float16", "float32")
-ADAMW_IMPLS = ("default", "forloop", "foreach", "fused")
 
 
 def gpu_count() -> int:
@@ -185,7 +185,7 @@ def validate(cfg: dict) -> None:
     _number(cfg, "train.max_grad_norm")
     _choice(cfg, "train.schedule", SCHEDULES)
     _choice(cfg, "train.precision", PRECISIONS)
-    _choice(cfg, "train.adamw_impl", ADAMW_IMPLS)
+    _choice(cfg, "train.adamw_impl", ADAMW_IMPLS)  # the implementations make_optimizer knows
     if not isinstance(_get(cfg, "train.compile"), bool):
         raise ConfigError(f"train.compile={cfg['train']['compile']!r}: must be true or false")
     _choice(cfg, "budget", ("default", "params", "memory"))

@@ -10,9 +10,9 @@ Peak memory, by device (each reading minus its baseline, taken before the model 
         sees): the headline, what the job's tensors really hold (`cpu_malloc_in_use`).
         Beside it, the OS view: the kernel's RSS high-water mark (VmHWM on Linux), which also
         counts what the allocator keeps after a free and the checkpoint file pages mapped
-        while loading. Reading mallinfo2 changes
-        nothing in how the allocator behaves, and one call per sample is all the thread does;
-        without glibc (macOS, musl) RSS is sampled and the headline falls back to it.
+        while loading. Reading mallinfo2 changes nothing in how the allocator behaves, and one
+        call per sample is all the thread does; without glibc (macOS, musl) RSS is sampled and
+        the headline falls back to it.
 All values are MiB (2**20 bytes).
 """
 
@@ -242,7 +242,8 @@ def release_freed_cpu_memory(threshold_kb: int | None) -> int | None:
     """Have glibc's malloc serve blocks of `threshold_kb` and more with mmap, so they go back
     to the OS when freed and RSS follows the memory in use. Off by default
     (`measure.cpu_mmap_threshold_kb: null`): it turns every large allocation into an mmap and
-    page faults, which cost a CPU job about a quarter of its speed (benchmarks/throughput.py),
+    page faults, which cost a CPU job a large part of its speed (row harness+mmap of
+    benchmarks/results/throughput.md),
     and the headline reading (malloc in use) does not need it. Returns the threshold set in
     bytes, or None (not glibc, or not asked)."""
     if not threshold_kb or not sys.platform.startswith("linux"):

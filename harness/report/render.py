@@ -19,7 +19,8 @@ MEMORY_SOURCES = {
     "cuda_max_reserved": "torch's peak reserved CUDA memory minus its baseline taken just before "
                          "the model loads",
     "cpu_malloc_in_use": "the peak of the bytes glibc's malloc had handed out (mallinfo2, sampled: every "
-                         "tensor and library buffer) minus its baseline taken just before the model loads",
+                         "tensor and library buffer) minus its baseline taken just before the model loads, "
+                         "plus the model weights mapped from the checkpoint file (loaded without a copy)",
     "cpu_rss": "the peak resident memory (RSS) of the job's process minus its baseline taken just "
                "before the model loads",
 }
