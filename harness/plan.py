@@ -1,10 +1,16 @@
 """`python -m harness.plan model=NAME [train.batch_size=N] [train.seq_len=S] [--gpu-mem 24,80]`
+`python -m harness.plan --power DIFF --pilot SWEEP_DIR [SWEEP_DIR ...]`
 
 Will it fit? For one model and every method in conf/method/, prints the memory model's
 predicted peak training memory on a GPU (harness/memory_model.py), its breakdown, whether it
 fits on GPUs of 24, 40, 80 and 141 GB (or the sizes given with --gpu-mem), and the largest
 batch size that fits each at the given sequence length. Reads config files only: no weights
 are loaded, no torch is imported.
+
+With --power: how many seeds and test examples a sweep needs to detect a score difference of
+DIFF against QLoRA (80% power, 5% level), predicted from a pilot sweep's per-example outcomes
+(the variance over test examples, per-example noise between seeds and whole-seed shifts; see
+harness/report/statistics.py). Reads the pilot's result files only.
 
 A GPU of N GB is taken as N GiB (what `nvidia-smi` reports, to within 1-2%), and a job fits
 when its predicted peak plus the CUDA context (memory_model.CUDA_CONTEXT_MB) is within it.
@@ -14,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import sys
 from pathlib import Path
 
@@ -116,6 +124,95 @@ def compose_config(overrides: list[str]) -> dict:
     return config
 
 
+POWER_SEEDS = (1, 2, 3, 5, 10)
+POWER_EXAMPLES = (100, 200, 500, 1000, 2000, 5000)
+MAX_EXAMPLES = 1_000_000
+
+
+def pilot_components(dirs: list[Path], baseline: str = "qlora") -> dict[str, list]:
+    """model -> the variance components of each method against `baseline` in the pilot sweep
+    folders `dirs` (learning rates selected as in the report), from per-example outcomes."""
+    from harness.report.aggregate import collect, collect_outcomes
+    from harness.report.verdict import paired, score_matrices, select_learning_rates
+
+    for folder in dirs:
+        if not folder.is_dir():
+            raise ConfigError(f"--pilot {folder}: no such folder")
+    df = collect(dirs)
+    if df.empty:
+        raise ConfigError(f"--pilot {', '.join(map(str, dirs))}: no readable result.json there")
+    if df["task"].nunique() > 1:
+        raise ConfigError(f"--pilot: the results mix tasks ({', '.join(sorted(map(str, df['task'].unique())))}); "
+                          "give the folders of one task")
+    kept, _ = select_learning_rates(df)
+    matrices = score_matrices(kept, collect_outcomes(kept))
+    found = {}
+    for (model, method), matrix in sorted(matrices.items()):
+        if method != baseline and (model, baseline) in matrices:
+            pair = paired(matrix, matrices[(model, baseline)])
+            if pair is not None:
+                found.setdefault(model, []).append((method, pair[0]))
+    if not found:
+        raise ConfigError(f"--pilot: no method with per-example outcomes (result schema 6) to compare with "
+                          f"a {baseline} run of the same model; rerun the pilot with this harness")
+    return found
+
+
+def median_detectable(pairs: list, seeds: int, examples: int) -> float:
+    """The median over the pilot's methods of the difference detectable with this design."""
+    import numpy as np
+
+    from harness.report.statistics import detectable_for_design
+
+    return float(np.median([detectable_for_design(c, seeds, examples) for _, c in pairs]))
+
+
+def examples_needed(pairs: list, seeds: int, target: float) -> int | None:
+    """Fewest test examples (at most MAX_EXAMPLES) with which `seeds` seeds detect `target`."""
+    if median_detectable(pairs, seeds, MAX_EXAMPLES) > target:
+        return None
+    low, high = 2, MAX_EXAMPLES  # detectable difference falls as examples grow
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if median_detectable(pairs, seeds, mid) <= target else (mid + 1, high)
+    return low
+
+
+def power_view(dirs: list[Path], target: float) -> str:
+    lines = []
+    for model, pairs in pilot_components(dirs).items():
+        c0 = pairs[0][1]
+        lines.append(f"{model}: pilot of {c0.n_b} QLoRA seed(s) and {c0.m} test examples, {len(pairs)} method(s) "
+                     f"compared ({', '.join(m for m, _ in pairs)}). Smallest score difference detectable "
+                     "against QLoRA (80% power, 5% level, per comparison; median over the methods), in points:")
+        examples = sorted({*POWER_EXAMPLES, c0.m})
+        head = ["seeds \\ examples"] + [f"{m:,}" for m in examples] + [f"examples for {100 * target:g} pt"]
+        rows = [head]
+        for n in POWER_SEEDS:
+            need = examples_needed(pairs, n, target)
+            rows.append([str(n)] + [f"{100 * median_detectable(pairs, n, m):.1f}" for m in examples]
+                        + [f"{need:,}" if need else "not reachable"])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+        if c0.n_a < 2 or c0.n_b < 2:
+            lines.append("  The pilot has one seed of a method: how a whole run varies with its seed is unknown, so "
+                         "these figures count test-example sampling only. Run the pilot with 2+ seeds.")
+        lines.append("  \"not reachable\": whole-seed variance alone exceeds the target with that many seeds.")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def parse_power(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise ConfigError(f"--power={text!r}: give the score difference to detect as a fraction of the score "
+                          "scale, between 0 and 1, e.g. --power 0.01 for 1 point")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m harness.plan",
@@ -125,7 +222,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-mem", default=",".join(map(str, DEFAULT_GPUS_GB)),
                         help="GPU memory sizes in GB, comma-separated (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    parser.add_argument("--power", metavar="DIFF", help="instead: seeds and test examples needed to detect a score "
+                        "difference DIFF against QLoRA (e.g. 0.01: 1 point), from --pilot")
+    parser.add_argument("--pilot", nargs="+", type=Path, metavar="SWEEP_DIR",
+                        help="with --power: a pilot sweep's folder(s), with per-example outcomes")
     args = parser.parse_args(argv)
+    if args.power is not None or args.pilot:
+        logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+        try:
+            if args.power is None or not args.pilot or args.overrides:
+                raise ConfigError("--power DIFF needs --pilot SWEEP_DIR and no model overrides"
+                                  if args.power is not None else "--pilot needs --power DIFF")
+            print(power_view(args.pilot, parse_power(args.power)))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return
     try:
         gpus = parse_gpu_mem(args.gpu_mem)
         config = compose_config(args.overrides)

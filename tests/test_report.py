@@ -14,8 +14,7 @@ import pytest
 
 from harness.report import build_report
 from harness.report.aggregate import collect
-from harness.report.verdict import (against_baseline, cannot_conclude, pareto_front, summarize,
-                                    t975)
+from harness.report.verdict import against_baseline, cannot_conclude, pareto_front, summarize
 from harness.results import validate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,9 +32,17 @@ def rows(*jobs) -> pd.DataFrame:
     } for model, method, seed, status, score, memory in jobs])
 
 
-def verdicts(df) -> dict:
-    comparison = against_baseline(summarize(df))
+def verdicts(df, matrices=None) -> dict:
+    comparison = against_baseline(summarize(df), matrices)
     return dict(zip(comparison["method"], comparison["verdict"]))
+
+
+def matrices(**methods) -> dict:
+    """Per-example test scores of model "m": method -> one list of 0/1 scores per seed (the job
+    folders are named method/seed, as `score_matrices` keys rows by job)."""
+    return {("m", method): pd.DataFrame([pd.Series(s, index=[str(i) for i in range(len(s))]) for s in seeds],
+                                        index=[f"{method}/{k}" for k in range(len(seeds))])
+            for method, seeds in methods.items()}
 
 
 def test_summary_intervals_one_seed_and_several():
@@ -45,8 +52,7 @@ def test_summary_intervals_one_seed_and_several():
     assert a["n_scored"] == 1 and a["score_mean"] == 0.5 and math.isnan(a["score_ci"])
     sd = pd.Series([0.1, 0.2, 0.6]).std()
     assert b["score_mean"] == pytest.approx(0.3)
-    assert b["score_ci"] == pytest.approx(4.303 * sd / math.sqrt(3))
-    assert t975(1) == 12.706 and t975(2.7) == 4.303 and 1.96 < t975(200) < t975(31) < 2.042
+    assert b["score_ci"] == pytest.approx(4.3027 * sd / math.sqrt(3), rel=1e-4)  # t(0.975, 2 df)
 
 
 def test_summary_counts_only_ok_rows_and_skips_missing_scores():
@@ -57,39 +63,91 @@ def test_summary_counts_only_ok_rows_and_skips_missing_scores():
     assert a["score_mean"] == 0.4 and a["peak_memory_mb"] == 200
 
 
-def test_verdicts_against_qlora():
+def test_verdicts_against_qlora_and_the_memory_thresholds():
     df = rows(*[("m", method, seed, "ok", score + 0.01 * seed, memory)
                 for method, score, memory in [("qlora", 0.5, 100), ("fast", 0.8, 50),
                                               ("big", 0.8, 200), ("worse", 0.1, 300),
-                                              ("small", 0.1, 50), ("same", 0.5, 102)]
+                                              ("small", 0.1, 50), ("same", 0.5, 104),
+                                              ("more", 0.5, 106), ("less", 0.8, 94),
+                                              ("notless", 0.8, 96), ("unknown", 0.8, None)]
                 for seed in range(3)])
     assert verdicts(df) == {
         "qlora": "baseline", "fast": "beats QLoRA on score and memory",
         "big": "better score, more memory", "worse": "dominated by QLoRA",
-        "small": "worse score, less memory", "same": "same score, same memory"}
+        "small": "worse score, less memory", "same": "same score, same memory",
+        "more": "dominated by QLoRA",  # same score, more memory
+        "less": "beats QLoRA on score and memory", "notless": "better score, same memory",
+        "unknown": "better score, unknown memory"}
 
 
-def test_difference_interval_is_welch_and_needs_two_seeds():
+def test_seed_only_interval_is_welch_and_needs_two_seeds():
+    from scipy import stats
+
     df = rows(("m", "qlora", 0, "ok", 0.1, 100), ("m", "qlora", 1, "ok", 0.3, 100),
               ("m", "lora", 0, "ok", 0.5, 100), ("m", "lora", 1, "ok", 0.6, 100),
               ("m", "lora", 2, "ok", 0.7, 100), ("m", "one", 0, "ok", 0.9, 50))
     c = against_baseline(summarize(df)).set_index("method")
-    va, vb = 0.01 / 3, 0.02 / 2  # variance of each mean
-    dof = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 1)
-    half = t975(dof) * math.sqrt(va + vb)
+    welch = stats.ttest_ind([0.5, 0.6, 0.7], [0.1, 0.3], equal_var=False)
+    ci = welch.confidence_interval(0.95)
     assert c.at["lora", "score_diff"] == pytest.approx(0.4)
-    assert c.at["lora", "diff_hi"] - c.at["lora", "score_diff"] == pytest.approx(half)
+    assert (c.at["lora", "diff_lo"], c.at["lora", "diff_hi"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert c.at["lora", "p_value"] == pytest.approx(welch.pvalue) and c.at["lora", "interval"] == "seed-only"
     assert c.at["lora", "verdict"] == "same score, same memory"  # interval includes 0
-    assert math.isnan(c.at["one", "diff_lo"])
+    assert math.isnan(c.at["one", "diff_lo"]) and c.at["one", "interval"] == "none (1 seed)"
     assert c.at["one", "verdict"] == "beats QLoRA on score and memory (1 seed: not conclusive)"
 
 
-def test_no_baseline_and_failed_methods():
+def test_identical_seeds_are_never_conclusive():
+    """Seeds with identical scores give a zero standard error: not a certain difference."""
+    df = rows(("m", "qlora", 0, "ok", 0.50, 100), ("m", "qlora", 1, "ok", 0.50, 100),
+              ("m", "lora", 0, "ok", 0.52, 100), ("m", "lora", 1, "ok", 0.52, 100))
+    assert verdicts(df)["lora"] == "better score, same memory (no variation seen: not conclusive)"
+    # With per-example outcomes, the same one-example gap (50 examples, every seed alike) is noise.
+    base = [1] * 25 + [0] * 25
+    gap = [1] * 26 + [0] * 24
+    m = matrices(qlora=[base, base], lora=[gap, gap])
+    c = against_baseline(summarize(df), m).set_index("method")
+    assert c.at["lora", "interval"] == "paired" and c.at["lora", "diff_lo"] < 0 < c.at["lora", "diff_hi"]
+    assert (c.at["lora", "won"], c.at["lora", "lost"], c.at["lora", "tied"]) == (1, 0, 49)
+    assert c.at["lora", "verdict"] == "same score, same memory"
+    # Nothing varies at all (every example differs alike): still not conclusive.
+    m = matrices(qlora=[[0] * 4, [0] * 4], lora=[[1] * 4, [1] * 4])
+    df1 = rows(("m", "qlora", 0, "ok", 0.0, 100), ("m", "qlora", 1, "ok", 0.0, 100),
+               ("m", "lora", 0, "ok", 1.0, 100), ("m", "lora", 1, "ok", 1.0, 100))
+    assert verdicts(df1, m)["lora"] == "better score, same memory (no variation seen: not conclusive)"
+
+
+def test_one_seed_baseline_gets_an_example_level_interval_and_says_so():
+    base, better = [0] * 60 + [1] * 40, [0] * 20 + [1] * 80
+    df = rows(("m", "qlora", 0, "ok", 0.4, 100), ("m", "lora", 0, "ok", 0.8, 100), ("m", "lora", 1, "ok", 0.8, 100))
+    c = against_baseline(summarize(df), matrices(qlora=[base], lora=[better, better])).set_index("method")
+    assert c.at["lora", "interval"] == "paired, 1 seed" and c.at["lora", "diff_lo"] > 0
+    assert c.at["lora", "verdict"] == "better score, same memory (1 seed: interval over test examples only)"
+    assert math.isnan(c.at["lora", "seed_diff_lo"])
+
+
+def test_holm_corrects_for_every_method_compared_with_qlora():
+    from harness.report.statistics import holm
+
+    adjusted = holm([0.01, 0.04, 0.03, float("nan"), 0.5])
+    assert list(adjusted[[0, 2, 1, 4]]) == pytest.approx([0.04, 0.09, 0.09, 0.5])  # 4 x, 3 x, max(2 x, prev), 1 x
+    assert math.isnan(adjusted[3])
+    # In a verdict table: two methods with the same p-value 0.03 each; alone each is significant,
+    # together (Holm: 2 x 0.03) neither is.
+    df = rows(*[("m", method, k, "ok", 0.5, 100) for method in ("qlora", "a", "b") for k in range(2)])
+    c = against_baseline(summarize(df)).set_index("method")
+    assert c["p_holm"].isna().all()  # identical seeds: no p-values, nothing to correct
+
+
+def test_no_baseline_all_oom_baseline_and_failed_methods():
     df = rows(("m", "lora", 0, "ok", 0.5, 100), ("m", "full", 0, "oom", None, None),
-              ("n", "qlora", 0, "ok", 0.5, 100), ("n", "full", 0, "error", None, None))
+              ("n", "qlora", 0, "ok", 0.5, 100), ("n", "full", 0, "error", None, None),
+              ("o", "qlora", 0, "oom", None, None), ("o", "qlora", 1, "oom", None, None),
+              ("o", "lora", 0, "ok", 0.5, 100))
     c = against_baseline(summarize(df))
     assert list(c["verdict"]) == ["not comparable (OOM)", "no QLoRA baseline",
-                                  "not comparable (failed)", "baseline"]
+                                  "not comparable (failed)", "baseline",
+                                  "no QLoRA baseline", "not comparable (OOM)"]
 
 
 def points(*p) -> pd.DataFrame:
@@ -250,7 +308,12 @@ def test_build_report(sweep, tmp_path):
     assert "RuntimeError: <boom> & bust" in runs and "CUDA out of memory" in runs
     assert "setup (s)" in runs and str(sweep / "torn") not in runs
 
-    assert len(page.images) == 5  # pareto, speed, scaling, memory model, curves
+    assert len(page.images) == 6  # forest, pareto, speed, scaling, memory model, curves
+    # These results predate per-example outcomes: seed-only intervals, and the report says so.
+    assert "(seeds only)" in verdict_text and "carry no per-example outcomes" in "".join(page.text)
+    verdicts_csv = pd.read_csv(out / "verdicts.csv")
+    assert set(verdicts_csv["interval"].dropna()) == {"seed-only", "none (1 seed)"}  # big/full: 1 ok seed
+    assert pd.read_csv(out / "examples.csv").empty
     assert "memory_model.png" in page.images
     memory_table = page.tables["runs memmodel"]
     assert "measured / predicted (median)" in memory_table and "1.25" in memory_table
@@ -388,3 +451,89 @@ def test_tasks_get_their_own_reports_and_forgetting_is_shown(tmp_path):
         assert f"task {task}" in sub and "forgetting (Δ loss)" in sub and "+0.250" in sub
         assert mean in sub  # qlora's mean score on this task alone
     assert len(pd.read_csv(tmp_path / "report" / "results.csv")) == 8
+
+
+def write_outcome_sweep(root: Path, seeds: int = 3) -> None:
+    """qlora, lora (30 points better) and prompt (as good as qlora) on 300 examples with
+    per-example outcomes (schema 6), before and after training."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    truth = {"qlora": 0.5, "lora": 0.8, "prompt": 0.5}
+    right = rng.random(300)  # example difficulty, shared by every method
+    for method, p in truth.items():
+        for seed in range(seeds):
+            scores = (right < p + rng.normal(0, 0.05, 300)).astype(float)
+            job = root / f"{method}_s{seed}"
+            job.mkdir(parents=True)
+            outcomes = [{"split": "test", "stage": stage, "example_id": i, "score": float(x) if stage == "after" else 0.0,
+                         "prediction": "7"} for stage in ("before", "after") for i, x in enumerate(scores)]
+            (job / "predictions.jsonl").write_text("".join(json.dumps(o) + "\n" for o in outcomes))
+            result = fake_result("small", method, seed, score=float(scores.mean()))
+            result["schema_version"] = 6
+            result["outcomes"] = {"file": "predictions.jsonl", "rows": len(outcomes)}
+            validate(result)
+            (job / "result.json").write_text(json.dumps(result))
+
+
+def test_report_with_per_example_outcomes(tmp_path):
+    """Jobs with predictions.jsonl: paired intervals in the verdict table and verdicts.csv,
+    examples won and lost, the detectable difference, and examples.csv in long form."""
+    import numpy as np
+
+    root = tmp_path / "sweep"
+    write_outcome_sweep(root)
+    index = build_report([root], tmp_path / "out")
+    out = index.parent
+    v = pd.read_csv(out / "verdicts.csv").set_index("method")
+    for column in ("model", "score_diff", "diff_lo", "diff_hi", "p_value", "p_holm", "seed_diff_lo",
+                   "seed_diff_hi", "seed_p_value", "won", "lost", "detectable_diff", "budget"):
+        assert column in v.columns or column == "method"
+    assert v.at["lora", "interval"] == "paired" and v.at["lora", "diff_lo"] > 0 and v.at["lora", "p_holm"] < 0.05
+    assert v.at["lora", "verdict"] == "better score, same memory"
+    assert v.at["lora", "won"] > 50 and v.at["lora", "lost"] < 20 and v.at["lora", "n_examples"] == 300
+    assert v.at["prompt", "diff_lo"] < 0 < v.at["prompt", "diff_hi"] and v.at["prompt", "verdict"] == "same score, same memory"
+    assert v.at["lora", "p_holm"] >= v.at["lora", "p_value"]
+    examples = pd.read_csv(out / "examples.csv")
+    assert list(examples.columns) == ["job", "model", "method", "seed", "split", "stage", "example_id", "score"]
+    assert len(examples) == 9 * 600 and set(examples["stage"]) == {"before", "after"}
+    after = examples[examples["stage"] == "after"].groupby("job")["score"].mean()
+    jobs = collect([root]).set_index("job_dir")["metrics.score"]
+    assert np.allclose(after.sort_index(), jobs.sort_index())  # per-example scores average to the job's
+    page = Page(index.read_text())
+    text = " ".join(page.text)
+    assert "smallest score difference from QLoRA it detects" in text and "carry no per-example" not in text
+    assert "forest.png" in page.images
+
+
+def test_plan_power_from_a_pilot_sweep(tmp_path, capsys):
+    from harness import plan
+
+    write_outcome_sweep(tmp_path / "pilot")
+    plan.main(["--power", "0.02", "--pilot", str(tmp_path / "pilot")])
+    out = capsys.readouterr().out
+    assert "small: pilot of 3 QLoRA seed(s) and 300 test examples, 2 method(s) compared (lora, prompt)" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split() and line.split()[0].isdigit()}
+    assert list(rows) == ["1", "2", "3", "5", "10"]
+    pairs = plan.pilot_components([tmp_path / "pilot"])["small"]
+    assert [m for m, _ in pairs] == ["lora", "prompt"] and all(c.n_a == c.n_b == 3 and c.m == 300 for _, c in pairs)
+    mde = {m: plan.median_detectable(pairs, 3, m) for m in plan.POWER_EXAMPLES}
+    assert rows["3"][:2] == [f"{100 * mde[100]:.1f}", f"{100 * mde[200]:.1f}"]  # the table prints these
+    assert mde[5000] < mde[500] < mde[100] and plan.median_detectable(pairs, 10, 500) < mde[500]
+    need = int(rows["10"][-1].replace(",", ""))  # examples for 2 points with 10 seeds
+    assert plan.median_detectable(pairs, 10, need) <= 0.02 < plan.median_detectable(pairs, 10, need - 1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--power", "2", "--pilot", "{pilot}"], "--power='2': give the score difference"),
+    (["--power", "0.01"], "--power DIFF needs --pilot SWEEP_DIR"),
+    (["--power", "0.01", "--pilot", "{tmp}/nowhere"], "no such folder"),
+    (["--power", "0.01", "--pilot", "{old}"], "no method with per-example outcomes"),
+])
+def test_plan_power_bad_input(tmp_path, sweep, args, message):
+    write_outcome_sweep(tmp_path / "pilot", seeds=1)
+    args = [a.format(pilot=tmp_path / "pilot", tmp=tmp_path, old=sweep) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "harness.plan", *args], capture_output=True, text=True, timeout=60)
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("warning: ")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]

@@ -67,6 +67,38 @@ def collect(dirs: list[Path]) -> pd.DataFrame:
     return sort_rows(df)
 
 
+OUTCOME_COLUMNS = ["job", "model", "method", "seed", "split", "stage", "example_id", "score"]
+
+
+def collect_outcomes(df: pd.DataFrame) -> pd.DataFrame:
+    """Every job's per-example outcomes (its `outcomes` file, schema 6), in long form: one row
+    per job, split, stage (before/after training) and example, columns `OUTCOME_COLUMNS` (`job`
+    is the job folder, as in results.csv). Jobs without the file (older results, failed jobs)
+    have no rows; an unreadable file is skipped with a warning."""
+    frames = []
+    files = df["outcomes.file"] if "outcomes.file" in df else pd.Series(None, index=df.index)
+    for row, name in zip(df.itertuples(index=False), files):
+        if not isinstance(name, str):
+            continue
+        path = Path(row.job_dir) / name
+        try:
+            with open(path, encoding="utf-8") as f:
+                records = [json.loads(line) for line in f if line.strip()]
+            table = pd.DataFrame.from_records(records, columns=["split", "stage", "example_id", "score"])
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            log.warning("skipping the per-example outcomes %s: %s", path, e)
+            continue
+        table["example_id"] = table["example_id"].astype(str)
+        table.insert(0, "job", row.job_dir)
+        table.insert(1, "model", row.model)
+        table.insert(2, "method", row.method)
+        table.insert(3, "seed", row.seed)
+        frames.append(table)
+    if not frames:
+        return pd.DataFrame(columns=OUTCOME_COLUMNS)
+    return pd.concat(frames, ignore_index=True)[OUTCOME_COLUMNS]
+
+
 def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Rows by model, method, seed, job folder; key columns first, then the rest by name."""
     columns = KEYS + sorted(c for c in df.columns if c not in KEYS)

@@ -196,5 +196,39 @@ def curves_figure(df: pd.DataFrame, summary: pd.DataFrame) -> Figure:
     return fig
 
 
+def forest_figure(comparison: pd.DataFrame, summary: pd.DataFrame) -> Figure:
+    """Each method's score difference vs QLoRA with its 95% interval (paired over test examples
+    and seeds where per-example outcomes exist), and the seed-only Welch interval below it in
+    grey, one panel per model."""
+    models = model_order(summary)
+    colors = method_colors(summary["method"])
+    fig, axes = _figure(len(models), "Score difference vs QLoRA (95% intervals)")
+    for ax, model in zip(axes, models):
+        rows = comparison[(comparison["model"] == model) & comparison["score_diff"].notna()]
+        rows = rows.sort_values("method", ascending=False).reset_index(drop=True)
+        if rows.empty:
+            _no_data(ax)
+        for y, r in rows.iterrows():
+            clip = lambda lo, hi: [max(-1.0, lo), min(1.0, hi)]  # noqa: E731  (differences of scores in [0, 1])
+            if r["diff_lo"] == r["diff_lo"]:
+                ax.plot(clip(r["diff_lo"], r["diff_hi"]), [y, y], color=colors[r["method"]], linewidth=2.5)
+            if r["seed_diff_lo"] == r["seed_diff_lo"] and r["interval"].startswith("paired"):
+                ax.plot(clip(r["seed_diff_lo"], r["seed_diff_hi"]), [y - 0.25, y - 0.25], color="grey", linewidth=1)
+            ax.plot(r["score_diff"], y, "o", color=colors[r["method"]], markersize=6,
+                    markerfacecolor="white" if r["interval"] in ("seed-only", "none (1 seed)") else colors[r["method"]])
+        ax.axvline(0, color="black", linewidth=1)
+        ax.set_yticks(range(len(rows)), rows["method"])
+        ax.set_ylim(-0.8, max(len(rows), 1) - 0.4)
+        ax.set_title(model)
+        ax.set_xlabel("score difference vs QLoRA")
+        ax.grid(alpha=0.3, axis="x")
+    extra = [Line2D([], [], color="black", linewidth=2.5, label="paired (examples and seeds)"),
+             Line2D([], [], color="grey", linewidth=1, label="seed-only (Welch)"),
+             Line2D([], [], marker="o", color="black", markerfacecolor="white", linestyle="",
+                    label="no per-example outcomes")]
+    fig.legend(handles=extra, loc="outside right upper", fontsize=9)
+    return fig
+
+
 def save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=DPI, metadata={"Software": None})

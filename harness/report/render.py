@@ -10,9 +10,9 @@ from jinja2 import Environment, FileSystemLoader
 from markupsafe import Markup
 
 from harness.report import figures
-from harness.report.aggregate import collect, write_csv
-from harness.report.verdict import (against_baseline, cannot_conclude, pareto_front, select_learning_rates,
-                                    summarize)
+from harness.report.aggregate import collect, collect_outcomes, write_csv
+from harness.report.verdict import (against_baseline, cannot_conclude, detectable_by_model, pareto_front,
+                                    score_matrices, select_learning_rates, summarize)
 
 BASELINE = "qlora"
 MEMORY_SOURCES = {
@@ -27,6 +27,12 @@ MEMORY_SOURCES = {
 WALL = [("metrics.wall_setup_s", "setup (s)"), ("metrics.wall_train_s", "train (s)"),
         ("metrics.wall_eval_s", "eval (s)")]
 FIGURES = [
+    ("forest.png", "Score difference vs QLoRA",
+     "Each method's test-score difference from QLoRA on the same model with its 95% interval "
+     "(thick: paired over test examples and seeds; thin grey below it: over seeds only, Welch, which "
+     "treats the test set as fixed). Hollow dots: no per-example outcomes, so the seed-only interval. "
+     "Bars stop at -1 and +1, the range of a difference of scores. "
+     "Intervals are per comparison, before Holm's correction."),
     ("pareto.png", "Score vs peak memory",
      "Each point is one method's mean over its ok seeds; bars are 95% intervals of the mean "
      "(none with one seed; cut at 0 and 1, the range of a score). The dashed step line joins the Pareto front: no other method has "
@@ -85,12 +91,19 @@ def _score(r) -> str:
     return f"{r['score_mean']:.3f} ± {r['score_ci']:.3f}"
 
 
-def _diff(c) -> str:
-    if math.isnan(c["score_diff"]):
+def _diff(diff, lo, hi, kind: str = "") -> str:
+    if math.isnan(diff):
         return "—"
-    if math.isnan(c["diff_lo"]):
-        return f"{c['score_diff']:+.3f} (no interval)"
-    return f"{c['score_diff']:+.3f} [{c['diff_lo']:+.3f}, {c['diff_hi']:+.3f}]"
+    if math.isnan(lo):
+        return f"{diff:+.3f} (no interval)"
+    note = {"paired, 1 seed": " (1 seed: examples only)", "seed-only": " (seeds only)"}.get(kind, "")
+    return f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]{note}"
+
+
+def _agreement(c) -> str:
+    if pd.isna(c["won"]):
+        return "—"
+    return f"{c['won']} / {c['lost']} of {c['n_examples']}"
 
 
 def verdict_table(model: str, summary: pd.DataFrame, comparison: pd.DataFrame, front,
@@ -104,7 +117,12 @@ def verdict_table(model: str, summary: pd.DataFrame, comparison: pd.DataFrame, f
         **({"size": sizes.get((model, m), ("—", False))[0]} if sizes is not None else {}),
         "jobs ok": f"{s.at[m, 'n_ok']} / {s.at[m, 'n_jobs']}",
         "score (mean ± 95% CI)": _score(s.loc[m]),
-        "Δ score vs QLoRA [95% CI]": _diff(c.loc[m]),
+        "Δ score vs QLoRA [95% CI]": _diff(c.at[m, "score_diff"], c.at[m, "diff_lo"], c.at[m, "diff_hi"],
+                                           c.at[m, "interval"]),
+        "p (Holm)": _num(c.at[m, "p_holm"], "{:.3g}"),
+        "seed-only Δ [95% CI]": _diff(c.at[m, "score_diff"] if c.at[m, "interval"].startswith("paired")
+                                      else math.nan, c.at[m, "seed_diff_lo"], c.at[m, "seed_diff_hi"]),
+        "examples won / lost vs QLoRA": _agreement(c.loc[m]),
         "peak memory (MiB)": _num(s.at[m, "peak_memory_mb"]),
         "memory vs QLoRA": _num(c.at[m, "memory_ratio"], "{:.2f}×"),
         "tokens/s": _num(s.at[m, "tokens_per_s"], "{:,.0f}"),
@@ -178,8 +196,9 @@ def intro(df: pd.DataFrame, summary: pd.DataFrame) -> str:
             f"{summary['method'].nunique()} method(s), seeds {', '.join(map(str, seeds))}, "
             f"task {_unique(df, 'task')}. Each job fine-tuned one model with one method, then "
             "measured its peak memory, training throughput and test score. QLoRA (qlora) is the "
-            "baseline. A difference in score counts only when the 95% interval of the difference "
-            "of mean scores over seeds excludes zero; memory counts as less or more beyond ±5%.")
+            "baseline. A difference in score counts only when it is significant at 5% after Holm's "
+            "correction for comparing every method with QLoRA (paired over test examples and seeds); "
+            "memory counts as less or more beyond ±5%.")
 
 
 def memory_note(df: pd.DataFrame) -> str:
@@ -239,33 +258,53 @@ def budget_sizes(df: pd.DataFrame) -> dict:
     return sizes
 
 
-def verdict_sections(views: list[tuple[str, pd.DataFrame]]) -> list[tuple[str, str, list]]:
-    """For each budget view: its heading, caption and one verdict table per model."""
-    sections = []
+def detectable_note(value: float | None) -> str | None:
+    if value is None or math.isnan(value):
+        return None
+    return (f"With this sweep's seeds and test examples, the smallest score difference from QLoRA it "
+            f"detects (80% power, 5% level, per comparison) is about {value:.3f} ({100 * value:.1f} points; "
+            "the median over methods). python -m harness.plan --power DIFF --pilot SWEEP_DIR says how many "
+            "seeds and test examples a smaller one needs.")
+
+
+def verdict_sections(views: list[tuple[str, pd.DataFrame]], outcomes: pd.DataFrame) -> tuple[list, pd.DataFrame]:
+    """For each budget view: its heading, caption and one verdict table per model (with its
+    detectable-difference note); and every view's comparison rows, with a `budget` column."""
+    sections, comparisons = [], []
     for name, jobs in views:
         kept, _ = select_learning_rates(jobs)
         summary = summarize(kept)
-        comparison = against_baseline(summary, BASELINE)
+        comparison = against_baseline(summary, score_matrices(kept, outcomes), BASELINE)
+        comparisons.append(comparison.assign(budget=name))
         sizes = budget_sizes(kept) if name != "default" else None
         matched = summary if sizes is None else summary[[sizes.get((r.model, r.method), ("", False))[1]
                                                          for r in summary.itertuples()]]
         front = pareto_front(matched)
-        tables = [(m, Markup(verdict_table(m, summary, comparison, front, f"verdict-{name}-{i}", sizes)))
+        detectable = detectable_by_model(comparison)
+        tables = [(m, Markup(verdict_table(m, summary, comparison, front, f"verdict-{name}-{i}", sizes)),
+                   detectable_note(detectable.get(m)))
                   for i, m in enumerate(figures.model_order(summary))]
         sections.append((*VIEWS[name], tables))
-    return sections
+    table = pd.concat(comparisons, ignore_index=True)
+    return sections, table[["budget"] + [c for c in table.columns if c != "budget"]]
 
 
 def render_report(df: pd.DataFrame, out_dir: Path, title: str) -> Path:
-    """Write results.csv, the figures and index.html for the collected results `df`."""
+    """Write results.csv, verdicts.csv, examples.csv, the figures and index.html for the
+    collected results `df`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     all_jobs, views = df, budget_views(df)
+    outcomes = collect_outcomes(all_jobs)
     df, choices = select_learning_rates(views[0][1])  # figures: the default view if present
     summary = summarize(df)
     front = pareto_front(summary)
+    sections, comparisons = verdict_sections(views, outcomes)
     write_csv(all_jobs, out_dir / "results.csv")
-    made = {"pareto.png": figures.pareto_figure(summary, front),
+    comparisons.to_csv(out_dir / "verdicts.csv", index=False, lineterminator="\n")
+    outcomes.to_csv(out_dir / "examples.csv", index=False, lineterminator="\n")
+    made = {"forest.png": figures.forest_figure(comparisons[comparisons["budget"] == views[0][0]], summary),
+            "pareto.png": figures.pareto_figure(summary, front),
             "speed.png": figures.speed_figure(summary),
             "scaling.png": figures.scaling_figure(df, summary),
             "memory_model.png": figures.memory_model_figure(all_jobs, summary),
@@ -278,7 +317,7 @@ def render_report(df: pd.DataFrame, out_dir: Path, title: str) -> Path:
         title=title, intro=intro(df, summary), memory_note=memory_note(df),
         forgetting=_unique(all_jobs, "config.forgetting.name")
         if "metrics.forgetting" in all_jobs and all_jobs["metrics.forgetting"].notna().any() else None,
-        sections=verdict_sections(views),
+        sections=sections,
         figures=FIGURES, notes=cannot_conclude(df, summary, BASELINE),
         learning_rates=Markup(learning_rate_table(choices)) if len(choices) else None,
         memory_model=Markup(m) if (m := memory_model_table(all_jobs)) else None,

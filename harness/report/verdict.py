@@ -5,28 +5,19 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 
-# Two-sided 95% Student t quantiles (0.975) for 1..30 degrees of freedom.
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-        2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+from harness.report import statistics
+
 MEMORY_LESS, MEMORY_MORE = 0.95, 1.05  # memory ratio thresholds
-
-
-def t975(df: float) -> float:
-    """t quantile for `df` degrees of freedom (fractional df rounded down: conservative)."""
-    df = max(1, int(math.floor(df)))
-    if df <= 30:
-        return T975[df - 1]
-    z = 1.959964  # Cornish-Fisher expansion around the normal quantile
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+SIGNIFICANT = statistics.LEVEL  # a score difference counts when its Holm-adjusted p is below this
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (model, method): jobs run and ok, score mean with its 95% interval half-width
-    (NaN with fewer than 2 scored seeds), mean peak memory, tokens/s and forgetting (general-
-    text loss after minus before; NaN when not measured) of the ok jobs."""
+    """Per (model, method): jobs run and ok, score mean with its 95% interval half-width over
+    seeds (NaN with fewer than 2 scored seeds), mean peak memory, tokens/s and forgetting
+    (general-text loss after minus before; NaN when not measured) of the ok jobs."""
     rows = []
     for (model, method), group in df.groupby(["model", "method"], sort=True):
         ok = group[group["status"] == "ok"]
@@ -37,7 +28,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             "model": model, "method": method, "n_jobs": len(group), "n_ok": len(ok),
             "n_oom": int((group["status"] == "oom").sum()), "n_scored": n,
             "score_mean": scores.mean() if n else math.nan, "score_sd": sd,
-            "score_ci": t975(n - 1) * sd / math.sqrt(n) if n > 1 else math.nan,
+            "score_ci": statistics.mean_interval_half_width(sd, n),
             "peak_memory_mb": _mean(ok, "metrics.peak_memory_mb"),
             "tokens_per_s": _mean(ok, "metrics.tokens_per_s"),
             "trainable_params": _mean(ok, "metrics.trainable_params"),
@@ -53,39 +44,66 @@ def _mean(rows: pd.DataFrame, column: str) -> float:
     return pd.to_numeric(rows[column], errors="coerce").mean() if column in rows else math.nan
 
 
-def diff_interval(a: pd.Series, b: pd.Series) -> tuple[float, float, float]:
-    """Mean score difference a - b and its Welch 95% interval (NaN unless both have 2+ seeds)."""
-    diff = a["score_mean"] - b["score_mean"]
-    if a["n_scored"] < 2 or b["n_scored"] < 2:
-        return diff, math.nan, math.nan
-    va, vb = a["score_sd"] ** 2 / a["n_scored"], b["score_sd"] ** 2 / b["n_scored"]
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return diff, diff, diff
-    dof = (va + vb) ** 2 / (va**2 / (a["n_scored"] - 1) + vb**2 / (b["n_scored"] - 1))
-    half = t975(dof) * se
-    return diff, diff - half, diff + half
+def score_matrices(df: pd.DataFrame, outcomes: pd.DataFrame | None) -> dict:
+    """(model, method) -> test scores after training, one row per scored ok job of `df`, one
+    column per example id; only where every such job of the method has per-example outcomes."""
+    if outcomes is None or outcomes.empty:
+        return {}
+    test = outcomes[(outcomes["split"] == "test") & (outcomes["stage"] == "after")]
+    by_job = dict(tuple(test.groupby("job", sort=False)))
+    ok = df[(df["status"] == "ok") & pd.to_numeric(df["metrics.score"], errors="coerce").notna()]
+    matrices = {}
+    for key, group in ok.groupby(["model", "method"], sort=True):
+        if not all(job in by_job for job in group["job_dir"]):
+            continue
+        rows = {job: by_job[job].set_index("example_id")["score"] for job in group["job_dir"]}
+        matrices[key] = pd.DataFrame(rows).T
+    return matrices
 
 
-def _verdict(score: str, memory: str, conclusive: bool) -> str:
+def paired(method: pd.DataFrame, base: pd.DataFrame) -> tuple[statistics.Components, dict] | None:
+    """Variance components of a method against the baseline over the test examples every job
+    of both scored, and the per-example agreement (examples won, lost and tied on the
+    seed-averaged score); None when they share no example."""
+    common = method.columns[method.notna().all()].intersection(base.columns[base.notna().all()])
+    if len(common) == 0:
+        return None
+    xa, xb = method[common].to_numpy(float), base[common].to_numpy(float)
+    d = xa.mean(axis=0) - xb.mean(axis=0)
+    agreement = {"won": int((d > 0).sum()), "lost": int((d < 0).sum()), "tied": int((d == 0).sum()),
+                 "n_examples": len(common)}
+    return statistics.components(xa, xb), agreement
+
+
+def _verdict(score: str, memory: str, caveat: str | None) -> str:
     if score == "better" and memory == "less":
         text = "beats QLoRA on score and memory"
     elif score == "worse" and memory in ("same", "more") or score == "same" and memory == "more":
         text = "dominated by QLoRA"
     else:
         text = f"{score} score, {memory} memory"
-    return text if conclusive else text + " (1 seed: not conclusive)"
+    return text + (f" ({caveat})" if caveat else "")
 
 
-def against_baseline(summary: pd.DataFrame, baseline: str = "qlora") -> pd.DataFrame:
-    """Each method against `baseline` on the same model: score difference with its 95%
-    interval, peak-memory and tokens/s ratios (method / baseline), and a verdict."""
+COLUMNS = ["model", "method", "score_diff", "diff_lo", "diff_hi", "p_value", "p_holm", "interval",
+           "seed_diff_lo", "seed_diff_hi", "seed_p_value", "detectable_diff", "won", "lost", "tied",
+           "n_examples", "memory_ratio", "speed_ratio", "verdict"]
+
+
+def against_baseline(summary: pd.DataFrame, matrices: dict | None = None, baseline: str = "qlora") -> pd.DataFrame:
+    """Each method against `baseline` on the same model: the score difference with its 95%
+    interval and p-value, paired over test examples and seeds where `matrices` (from
+    `score_matrices`) has both, else over seeds only (Welch); the seed-only interval alongside;
+    Holm's adjusted p over each model's comparisons; the smallest difference this design
+    detects (80% power, 5% level); examples won / lost / tied; peak-memory and tokens/s ratios
+    (method / baseline); and a verdict. A score difference counts when its Holm-adjusted
+    p < 0.05; an interval of zero width (no variation seen) never counts."""
+    matrices = matrices or {}
     rows = []
     for _, row in summary.iterrows():
         base = summary[(summary["model"] == row["model"]) & (summary["method"] == baseline)]
-        out = {"model": row["model"], "method": row["method"], "score_diff": math.nan,
-               "diff_lo": math.nan, "diff_hi": math.nan, "memory_ratio": math.nan,
-               "speed_ratio": math.nan}
+        out = dict.fromkeys(COLUMNS, math.nan) | {"model": row["model"], "method": row["method"], "interval": ""}
+        out |= {"won": pd.NA, "lost": pd.NA, "tied": pd.NA, "n_examples": pd.NA}
         if row["n_ok"] == 0:
             out["verdict"] = "not comparable (OOM)" if row["n_oom"] else "not comparable (failed)"
         elif row["method"] == baseline:
@@ -96,19 +114,58 @@ def against_baseline(summary: pd.DataFrame, baseline: str = "qlora") -> pd.DataF
             out["verdict"] = "no QLoRA baseline"
         else:
             b = base.iloc[0]
-            diff, lo, hi = diff_interval(row, b)
+            seed_only = statistics.welch(row["score_mean"], row["score_sd"], row["n_scored"],
+                                         b["score_mean"], b["score_sd"], b["n_scored"])
+            pair = None
+            if (row["model"], row["method"]) in matrices and (row["model"], baseline) in matrices:
+                pair = paired(matrices[(row["model"], row["method"])], matrices[(row["model"], baseline)])
+            if pair is not None:
+                comps, agreement = pair
+                main = statistics.interval(comps)
+                out |= agreement
+                out["interval"] = "paired" if main.seeds_included else "paired, 1 seed"
+            else:
+                main = seed_only
+                out["interval"] = "seed-only" if not math.isnan(seed_only.lo) else "none (1 seed)"
             ratio = row["peak_memory_mb"] / b["peak_memory_mb"]
-            out.update(score_diff=diff, diff_lo=lo, diff_hi=hi, memory_ratio=ratio,
-                       speed_ratio=row["tokens_per_s"] / b["tokens_per_s"])
-            conclusive = not math.isnan(lo)
-            low, high = (lo, hi) if conclusive else (diff, diff)
-            score = "better" if low > 0 else "worse" if high < 0 else "same"
-            memory = ("unknown" if math.isnan(ratio) else "less" if ratio < MEMORY_LESS
-                      else "more" if ratio > MEMORY_MORE else "same")
-            out["verdict"] = _verdict(score, memory, conclusive)
+            out |= {"score_diff": main.diff, "diff_lo": main.lo, "diff_hi": main.hi, "p_value": main.p,
+                    "seed_diff_lo": seed_only.lo, "seed_diff_hi": seed_only.hi, "seed_p_value": seed_only.p,
+                    "detectable_diff": statistics.detectable(main.se, main.df),
+                    "memory_ratio": ratio, "speed_ratio": row["tokens_per_s"] / b["tokens_per_s"],
+                    "_conclusive": main.conclusive, "_seeds": main.seeds_included,
+                    "_memory": ("unknown" if math.isnan(ratio) else "less" if ratio < MEMORY_LESS
+                                else "more" if ratio > MEMORY_MORE else "same")}
         rows.append(out)
-    return pd.DataFrame(rows, columns=["model", "method", "score_diff", "diff_lo", "diff_hi",
-                                       "memory_ratio", "speed_ratio", "verdict"])
+    table = pd.DataFrame(rows)
+    for column in ("_conclusive", "_seeds", "_memory"):
+        if column not in table:
+            table[column] = None
+    table["p_holm"] = np.nan
+    for _, group in table.groupby("model"):
+        table.loc[group.index, "p_holm"] = statistics.holm(group["p_value"].astype(float))
+    for i, r in table[table["_memory"].notna()].iterrows():
+        table.at[i, "verdict"] = _score_verdict(r)
+    return table[COLUMNS]
+
+
+def _score_verdict(r) -> str:
+    """The verdict of one comparison row with its interval, p-values and memory class."""
+    if not r["_conclusive"]:
+        score = "better" if r["score_diff"] > 0 else "worse" if r["score_diff"] < 0 else "same"
+        caveat = ("1 seed: not conclusive" if r["interval"] == "none (1 seed)"
+                  else "no variation seen: not conclusive")
+        return _verdict(score, r["_memory"], caveat)
+    significant = r["p_holm"] < SIGNIFICANT
+    score = "same" if not significant else "better" if r["score_diff"] > 0 else "worse"
+    caveat = None if r["_seeds"] else "1 seed: interval over test examples only"
+    return _verdict(score, r["_memory"], caveat)
+
+
+def detectable_by_model(comparison: pd.DataFrame) -> dict[str, float]:
+    """Per model: the median over its methods of the smallest difference detectable against
+    the baseline with this sweep's design (80% power, 5% level, before Holm's correction)."""
+    values = comparison.dropna(subset=["detectable_diff"])
+    return {m: float(g["detectable_diff"].median()) for m, g in values.groupby("model")}
 
 
 def pareto_front(points: pd.DataFrame) -> set[tuple[str, str]]:
@@ -184,8 +241,16 @@ def cannot_conclude(df: pd.DataFrame, summary: pd.DataFrame, baseline: str = "ql
             notes.append(f"{model}: no {baseline} run, so no comparison with the QLoRA baseline.")
         single = sorted(group.loc[(group["n_scored"] == 1), "method"])
         if single:
-            notes.append(f"{model}: only one scored seed for {', '.join(single)}: no interval, "
-                         "so differences with these methods are not conclusive.")
+            notes.append(f"{model}: only one scored seed for {', '.join(single)}: their intervals cover "
+                         "test-example sampling only (how a whole run varies with its seed is not measured), "
+                         "or there is none without per-example outcomes.")
+    ok = df[df["status"] == "ok"]
+    files = ok["outcomes.file"] if "outcomes.file" in ok else pd.Series(None, index=ok.index, dtype=object)
+    missing = ok[files.isna()]
+    for model, group in missing.groupby("model"):
+        notes.append(f"{model}: {len(group)} of {int((ok['model'] == model).sum())} ok jobs carry no per-example "
+                     "outcomes (results written before schema 6): comparisons involving their methods use the "
+                     "seed-only (Welch) interval, which treats the test set as fixed.")
     if "metrics.score_meaningful" in df:
         random_arch = sorted(df.loc[df["metrics.score_meaningful"] == False, "model"].unique())  # noqa: E712
         if random_arch:
