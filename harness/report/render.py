@@ -129,6 +129,8 @@ def verdict_table(model: str, summary: pd.DataFrame, comparison: pd.DataFrame, f
         "speed vs QLoRA": _num(c.at[m, "speed_ratio"], "{:.2f}×"),
         "trainable params": _num(s.at[m, "trainable_params"], "{:,.0f}"),
         **({"forgetting (Δ loss)": _num(s.at[m, "forgetting"], "{:+.3f}")} if s["forgetting"].notna().any() else {}),
+        **({"capability (Δ accuracy)": _num(s.at[m, "capability_change"], "{:+.3f}")}
+           if s["capability_change"].notna().any() else {}),
         "verdict": c.at[m, "verdict"] if sizes is None or sizes.get((model, m), ("", False))[1]
                    else "not comparable: not sized to the budget",
     } for m in s.index]
@@ -152,10 +154,12 @@ def run_table(df: pd.DataFrame) -> str:
         columns["metrics.budget.value"] = "size"
     if "metrics.forgetting" in df and df["metrics.forgetting"].notna().any():
         columns["metrics.forgetting"] = "forgetting"
+    if "metrics.capability_change" in df and df["metrics.capability_change"].notna().any():
+        columns["metrics.capability_change"] = "capability Δ"
     columns.update({k: v for k, v in WALL if k in df and df[k].notna().any()})
     columns["job_dir"] = "job folder"
     table = df[list(columns)].rename(columns=columns).astype(object)
-    formats = {"score": "{:.3f}", "forgetting": "{:+.3f}", "peak memory (MiB)": "{:,.1f}", "predicted (MiB)": "{:,.1f}", "tokens/s": "{:,.0f}",
+    formats = {"score": "{:.3f}", "forgetting": "{:+.3f}", "capability Δ": "{:+.3f}", "peak memory (MiB)": "{:,.1f}", "predicted (MiB)": "{:,.1f}", "tokens/s": "{:,.0f}",
                **{v: "{:.1f}" for k, v in WALL}}
     styler = table.style.hide(axis="index").set_uuid("runs").format(
         {k: (lambda x, f=f: _num(x, f)) for k, f in formats.items() if k in table},
@@ -317,6 +321,8 @@ def render_report(df: pd.DataFrame, out_dir: Path, title: str) -> Path:
         title=title, intro=intro(df, summary), memory_note=memory_note(df),
         forgetting=_unique(all_jobs, "config.forgetting.name")
         if "metrics.forgetting" in all_jobs and all_jobs["metrics.forgetting"].notna().any() else None,
+        capability=_unique(all_jobs, "config.capability.name")
+        if "metrics.capability_change" in all_jobs and all_jobs["metrics.capability_change"].notna().any() else None,
         sections=sections,
         figures=FIGURES, notes=cannot_conclude(df, summary, BASELINE),
         learning_rates=Markup(learning_rate_table(choices)) if len(choices) else None,

@@ -34,10 +34,12 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             "trainable_params": _mean(ok, "metrics.trainable_params"),
             "total_params": _mean(ok, "metrics.total_params"),
             "forgetting": _mean(ok, "metrics.forgetting") if "metrics.forgetting" in ok else math.nan,
+            "capability_change": _mean(ok, "metrics.capability_change") if "metrics.capability_change" in ok else math.nan,
         })
     return pd.DataFrame(rows, columns=["model", "method", "n_jobs", "n_ok", "n_oom", "n_scored",
                                        "score_mean", "score_sd", "score_ci", "peak_memory_mb",
-                                       "tokens_per_s", "trainable_params", "total_params", "forgetting"])
+                                       "tokens_per_s", "trainable_params", "total_params", "forgetting",
+                                       "capability_change"])
 
 
 def _mean(rows: pd.DataFrame, column: str) -> float:

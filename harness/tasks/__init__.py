@@ -79,6 +79,8 @@ def load_split(source: dict, split: str, key: str = "task.dataset", columns=()):
     local = check_local_folder(source, key)
     kwargs = {"cache_dir": local_cache_dir(Path(path).expanduser())} if local else {"revision": source.get("revision")}
     try:
+        if source.get("data_files"):  # one file of a large dataset (a shard), not all of it
+            kwargs["data_files"] = {split: source["data_files"]}
         dataset = datasets.load_dataset(str(Path(path).expanduser()) if local else path, source.get("name"),
                                         split=split, **kwargs)
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
@@ -115,6 +117,28 @@ def take(dataset, n: int | None, key: str):
     if n > len(dataset):
         raise ConfigError(f"{key}={n} exceeds the {len(dataset)} examples available (null takes all)")
     return dataset.select(range(n))
+
+
+def labelled_splits(task_cfg: dict, columns, test_split: str = "validation"):
+    """(train, validation, test) of a dataset whose test labels are hidden: validation is the
+    first `n_validation` of the shuffled train split, train the next `n_train`, test the first
+    `n_test` of the shuffled labelled `test_split`."""
+    seed = task_cfg["seed"]
+    train_all = shuffled(load_split(task_cfg["dataset"], "train", columns=columns), seed)
+    n_val = task_cfg["n_validation"]
+    validation = take(train_all, n_val, "task.n_validation")
+    train = take(train_all.select(range(n_val, len(train_all))), task_cfg["n_train"], "task.n_train")
+    test = take(shuffled(load_split(task_cfg["dataset"], test_split, columns=columns), seed),
+                task_cfg["n_test"], "task.n_test")
+    return train, validation, test
+
+
+def two_choices(task_cfg: dict, meaning: str) -> list[str]:
+    """The task's two `choices` (label 0, label 1), or a ConfigError saying what they mean."""
+    choices = list(task_cfg["choices"] or [])
+    if len(choices) != 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+        raise ConfigError(f"task.choices={task_cfg['choices']!r}: give two non-empty strings, {meaning}")
+    return choices
 
 
 def shuffled(dataset, seed: int):

@@ -8,8 +8,7 @@ by which choice it gives the higher log-likelihood.
 
 from __future__ import annotations
 
-from harness.errors import ConfigError
-from harness.tasks import converted, load_split, shuffled, take
+from harness.tasks import converted, labelled_splits, two_choices
 
 COLUMNS = ("sentence", "label")
 PROMPT = "Review: {sentence}\nSentiment:"
@@ -18,15 +17,8 @@ PROMPT = "Review: {sentence}\nSentiment:"
 def build(task_cfg: dict):
     import datasets
 
-    choices = list(task_cfg["choices"])
-    if len(choices) != 2 or not all(isinstance(c, str) and c.strip() for c in choices):
-        raise ConfigError(f"task.choices={choices!r}: give two non-empty strings, for label 0 and label 1")
-    seed = task_cfg["seed"]
-    train_all = shuffled(load_split(task_cfg["dataset"], "train", columns=COLUMNS), seed)
-    n_val = task_cfg["n_validation"]
-    validation = take(train_all, n_val, "task.n_validation")
-    train = take(train_all.select(range(n_val, len(train_all))), task_cfg["n_train"], "task.n_train")
-    test = take(shuffled(load_split(task_cfg["dataset"], "validation", columns=COLUMNS), seed), task_cfg["n_test"], "task.n_test")
+    choices = two_choices(task_cfg, "for label 0 and label 1")
+    train, validation, test = labelled_splits(task_cfg, COLUMNS)
 
     def convert(example):
         label = int(example["label"])
