@@ -14,9 +14,12 @@ from conftest import FAST, REPO, cli, results_under, run_cli
 
 
 def start(args, cwd: Path) -> subprocess.Popen:
-    """`python -m harness ARGS` in its own process group, as a terminal or scheduler runs it."""
+    """`python -m harness ARGS` in its own process group, as a terminal or scheduler runs it
+    (with Ctrl-C's default action: a shell without job control starts background commands
+    with SIGINT ignored, which every process below would inherit)."""
     return subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(predicate, timeout=120.0):
