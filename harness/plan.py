@@ -197,7 +197,8 @@ def power_view(dirs: list[Path], target: float) -> str:
         if c0.n_a < 2 or c0.n_b < 2:
             lines.append("  The pilot has one seed of a method: how a whole run varies with its seed is unknown, so "
                          "these figures count test-example sampling only. Run the pilot with 2+ seeds.")
-        lines.append("  \"not reachable\": whole-seed variance alone exceeds the target with that many seeds.")
+        if any(r[-1] == "not reachable" for r in rows[1:]):
+            lines.append("  \"not reachable\": whole-seed variance alone exceeds the target with that many seeds.")
         lines.append("")
     return "\n".join(lines).rstrip()
 
