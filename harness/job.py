@@ -222,20 +222,29 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
         metrics["wall_eval_s"] += time.time() - t
         return value
 
-    def capability_score(stage: str) -> float:  # a general benchmark outside the task
+    def scored(task: dict, task_metric, dataset, split: str, stage: str):
+        """`task`'s score of `dataset`; each example's outcome goes to `outcomes` (predictions.jsonl)."""
         t = time.time()
-        value, _, per_example = SCORERS["choice"](
-            model, tokenizer, capability_test, capability_metric, capability["metric"],
-            batch_size=config["eval"]["batch_size"], device=device, autocast=autocast)
-        outcomes.extend({"split": "capability", "stage": stage, **o} for o in per_example)
+        value, samples, per_example = SCORERS[task["scoring"]](
+            model, tokenizer, dataset, task_metric, task["metric"], batch_size=config["eval"]["batch_size"],
+            max_new_tokens=task["max_new_tokens"], device=device, autocast=autocast)
+        outcomes.extend({"split": split, "stage": stage, **o} for o in per_example)
         metrics["wall_eval_s"] += time.time() - t
-        return value
+        return value, samples
+
+    def score(stage: str, split: str = "test"):
+        return scored(task_cfg, metric, splits[split], split, stage)
+
+    if capability:  # a general benchmark outside the task
+        capability_metric = load_metric(capability["metric"])
+
+        def capability_score(stage: str) -> float:
+            return scored(capability, capability_metric, capability_test, "capability", stage)[0]
 
     if forgetting:  # the base model, as loaded for this method, before the method changes it
         metrics["forgetting_loss_before"] = general_loss()
         log.info("general-text loss before training (%s): %.4f", forgetting["name"], metrics["forgetting_loss_before"])
     if capability:
-        capability_metric = load_metric(capability["metric"])
         metrics["capability_before"] = capability_score("before")
         log.info("capability (%s) before training: %.4f", capability["name"], metrics["capability_before"])
     weights = Path(source) / "model.safetensors"
@@ -248,16 +257,6 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
 
     # A real architecture with random weights measures memory and speed; its scores mean nothing.
     metrics["score_meaningful"] = model_cfg.get("init", "pretrained") != "random"
-
-    def score(stage: str, split: str = "test"):
-        """The split's score; each example's outcome goes to `outcomes` (predictions.jsonl)."""
-        t = time.time()
-        value, samples, per_example = SCORERS[task_cfg["scoring"]](
-            model, tokenizer, splits[split], metric, task_cfg["metric"], batch_size=config["eval"]["batch_size"],
-            max_new_tokens=task_cfg["max_new_tokens"], device=device, autocast=autocast)
-        outcomes.extend({"split": split, "stage": stage, **o} for o in per_example)
-        metrics["wall_eval_s"] += time.time() - t
-        return value, samples
 
     if config["eval"]["before"]:
         metrics["score_before"], _ = score("before")

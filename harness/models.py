@@ -9,6 +9,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -81,21 +82,27 @@ PACKAGE_PREFIX = "package:"  # model.name_or_path=package:NAME: the folder of an
 GGUF_BUILD_VERSION = 1
 
 
-def package_folder(name_or_path: str, install: str | None = None) -> Path:
-    """The folder of the installed Python package `package:NAME` names, found without importing
-    it (a package that ships model files may not import without its own dependencies)."""
+def installed_package_folder(package: str) -> Path | None:
+    """The folder of an installed Python package, found without importing it (a package that
+    ships model or data files may not import without its own dependencies); None if absent."""
     import importlib.util
 
-    package = name_or_path[len(PACKAGE_PREFIX):]
     try:
         spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
+
+
+def package_folder(name_or_path: str, install: str | None = None) -> Path:
+    """The folder of the installed Python package `package:NAME` names."""
+    package = name_or_path[len(PACKAGE_PREFIX):]
+    folder = installed_package_folder(package)
+    if folder is None:
         how = f": {install}" if install else ""
         raise ConfigError(f"model.name_or_path={name_or_path!r}: the Python package {package!r} is not installed"
                           f"{how}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return folder
 
 
 def gguf_path(model_cfg: dict, download: bool = True) -> Path | None:
@@ -126,8 +133,14 @@ def gguf_path(model_cfg: dict, download: bool = True) -> Path | None:
 
 
 def file_digest(path: Path) -> str:
-    import hashlib
+    """The sha256 of a file, read once per process for each version (path, size, mtime) of it:
+    the launcher and each job ask for it, and GGUF files run to gigabytes."""
+    stat = path.stat()
+    return _digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -20,7 +20,6 @@ Each dataset keeps its own license (BoolQ CC-BY-SA-3.0, PIQA AFL-3.0, Wikipedia 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import re
@@ -37,10 +36,12 @@ WIKIPEDIA_SHARD = "20231101.en/train-00000-of-00041.parquet"
 
 def package_file(package: str, relative: str) -> Path:
     """A data file inside an installed package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    from harness.models import installed_package_folder
+
+    folder = installed_package_folder(package)
+    if folder is None:
         raise ConfigError(f"offline copy: the Python package {package!r} is not installed: {INSTALL}")
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    path = folder / relative
     if not path.is_file():
         raise ConfigError(f"offline copy: {path} is missing from the installed {package!r} (a different version?)")
     return path

@@ -52,8 +52,6 @@ class Components:
     noise_b: float
     seed_a: float          # seed-to-seed variance of job scores beyond per-example noise (>= 0; NaN: one seed)
     seed_b: float
-    spread_a: float        # seed-to-seed variance of job scores (NaN with one seed)
-    spread_b: float
 
     @property
     def example_var(self) -> float:
@@ -89,14 +87,13 @@ def components(xa: np.ndarray, xb: np.ndarray) -> Components:
     parts = []
     for x in (xa, xb):
         if len(x) < 2:
-            parts += [math.nan, math.nan, math.nan]
+            parts += [math.nan, math.nan]
             continue
         noise, spread = float(x.var(axis=0, ddof=1).mean()), float(x.mean(axis=1).var(ddof=1))
-        parts += [noise, max(0.0, spread - noise / m), spread]
+        parts += [noise, max(0.0, spread - noise / m)]
     return Components(diff=float(xa.mean() - xb.mean()), n_a=len(xa), n_b=len(xb), m=m,
                       paired_var=float(d.var(ddof=1)) if m > 1 else 0.0,
-                      noise_a=parts[0], seed_a=parts[1], spread_a=parts[2],
-                      noise_b=parts[3], seed_b=parts[4], spread_b=parts[5])
+                      noise_a=parts[0], seed_a=parts[1], noise_b=parts[2], seed_b=parts[3])
 
 
 def _terms(c: Components, n_a: int, n_b: int, m: int) -> list[tuple[float, float, float]]:
@@ -105,11 +102,15 @@ def _terms(c: Components, n_a: int, n_b: int, m: int) -> list[tuple[float, float
     estimated from, that mean square's degrees of freedom)."""
     noise = sum(w / n for w, n in ((c.noise_a, n_a), (c.noise_b, n_b)) if not math.isnan(w))
     example = (c.example_var + noise) / m
-    terms = [(example, example, m - 1)]
-    for seed, noise_n, n in ((c.seed_a, c.noise_a, n_a), (c.seed_b, c.noise_b, n_b)):
-        if not math.isnan(seed) and seed > 0:  # estimated as (spread - noise / m): spread's df
-            terms.append((seed / n, (seed + noise_n / m) / n, n - 1))
-    return terms
+    return [(example, example, m - 1)] + _seed_terms(c, n_a, n_b, m)
+
+
+def _seed_terms(c: Components, n_a: int, n_b: int, m: int) -> list[tuple[float, float, float]]:
+    """Each side's whole-seed part for n_a, n_b seeds: estimated as (seed-to-seed variance of
+    job scores - per-example noise / m), so it carries that variance's n - 1 degrees of freedom."""
+    return [(seed / n, (seed + noise / m) / n, n - 1)
+            for seed, noise, n in ((c.seed_a, c.noise_a, n_a), (c.seed_b, c.noise_b, n_b))
+            if not math.isnan(seed) and seed > 0]
 
 
 def _satterthwaite(terms: list[tuple[float, float, float]]) -> tuple[float, float]:
@@ -122,11 +123,7 @@ def _satterthwaite(terms: list[tuple[float, float, float]]) -> tuple[float, floa
 
 def interval(c: Components) -> Interval:
     """D with its 95% interval and two-sided p-value (H0: no difference)."""
-    terms = [(c.paired_var / c.m, c.paired_var / c.m, c.m - 1)]
-    for seed, spread, n in ((c.seed_a, c.spread_a, c.n_a), (c.seed_b, c.spread_b, c.n_b)):
-        if not math.isnan(seed) and seed > 0:
-            terms.append((seed / n, spread / n, n - 1))
-    var, df = _satterthwaite(terms)
+    var, df = _satterthwaite([(c.paired_var / c.m, c.paired_var / c.m, c.m - 1)] + _seed_terms(c, c.n_a, c.n_b, c.m))
     se = math.sqrt(var)
     seeds = c.n_a > 1 and c.n_b > 1
     if se == 0:
