@@ -212,6 +212,8 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     model = load_model(source, model_cfg["revision"], dtype=getattr(torch, method["base_dtype"]),
                        quantization=method.get("quantization"), device=device,
                        trust_remote_code=model_cfg.get("trust_remote_code", False))
+    sampler.note_model(model)
+    sampler.phase("prepare")  # the model is loaded: the method is applied, scores before training
     autocast, metrics["autocast_dtype"] = autocast_for(device, tcfg["precision"])
     metrics["wall_eval_s"] = 0.0
 
@@ -267,6 +269,7 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     scheduler = lr_scheduler(optimizer, tcfg["schedule"], tcfg["warmup_steps"], tcfg["max_steps"])
     timer = measure.StepTimer(device, config["measure"]["warmup_steps"])
     batches = batch_stream(examples, tcfg["batch_size"], config["seed"], tokenizer.pad_token_id, device)
+    sampler.phase("train")  # the headline peak: training's (harness/measure.py)
     train_start = time.time()
     metrics["wall_setup_s"] = train_start - started - metrics["wall_eval_s"]
     losses = train(model, optimizer, scheduler, batches, max_steps=tcfg["max_steps"],

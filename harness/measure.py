@@ -13,6 +13,14 @@ Peak memory, by device (each reading minus its baseline, taken before the model 
         while loading. Reading mallinfo2 changes nothing in how the allocator behaves, and one
         call per sample is all the thread does; without glibc (macOS, musl) RSS is sampled and
         the headline falls back to it.
+Phases: a job tells the sampler when it moves from loading the model ("load") to preparing it
+(the method applied, the scores before training: "prepare") to training ("train"), and each
+phase's peak is kept (`phase_peak_memory_mb`). The headline is the training phase's peak,
+what the memory model predicts: from the start of the first training step to the end of the
+last, the weights and everything else still held included. A phase before it can peak higher
+(a load that casts a checkpoint's dtype, scoring with a large vocabulary); a job that fails
+before training reports the phase it failed in (`memory_phase`). The RSS high-water mark is
+the kernel's, over the whole process.
 All values are MiB (2**20 bytes).
 """
 
@@ -113,9 +121,14 @@ class MemorySampler:
 
         self.device = torch.device(device)
         self.interval_s = interval_s
+        self._lock = threading.Lock()  # a phase change and a sample never interleave
+        self.current_phase = "load"
+        self.phase_peaks: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
         self._nvml = None
+        # CPU with glibc: the headline reads malloc's bytes in use (else RSS, or CUDA's peaks)
+        self.uses_malloc = self.device.type != "cuda" and _MALLINFO2 is not None
         if self.device.type == "cuda":
             torch.zeros(1, device=self.device)  # create the CUDA context before the baseline
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -143,8 +156,33 @@ class MemorySampler:
         """A reading from the training loop itself, at the moments memory peaks (after the
         forward pass, after the optimizer step): one mallinfo2 call, so the thread can sample
         slowly and still not miss a step's peak. A no-op on CUDA, whose peaks are exact."""
-        if self.device.type != "cuda" and self.base_in_use is not None:
-            self.peak_probed = max(self.peak_probed, malloc_in_use_bytes())
+        if self.uses_malloc:
+            with self._lock:
+                self.peak_probed = max(self.peak_probed, malloc_in_use_bytes())
+
+    def phase(self, name: str) -> None:
+        """End the current phase, keeping its peak, and start `name` ("prepare", "train") with
+        peaks reset to what is held now (the baseline stays the job's)."""
+        with self._lock:
+            self.phase_peaks[self.current_phase] = self._phase_peak_mb()
+            self.current_phase = name
+            if self.device.type == "cuda":
+                import torch
+
+                torch.cuda.reset_peak_memory_stats(self.device)
+            elif self.uses_malloc:
+                self.peak_in_use = self.peak_probed = malloc_in_use_bytes()
+            self.peak_sampled = self._read()
+
+    def _phase_peak_mb(self) -> float:
+        """The current phase's peak so far, on the headline's basis."""
+        if self.device.type == "cuda":
+            import torch
+
+            return (torch.cuda.max_memory_reserved(self.device) - self.base_reserved) / MIB
+        if self.uses_malloc:
+            return (max(self.peak_in_use, self.peak_probed) - self.base_in_use + self.mapped_bytes) / MIB
+        return (self.peak_sampled - self.base_sampled) / MIB
 
     def note_model(self, model) -> None:
         """Count, from now on, the model's tensors that live in mapped checkpoint files (CPU):
@@ -159,7 +197,7 @@ class MemorySampler:
             import torch
 
             return (torch.cuda.memory_reserved(self.device) - self.base_reserved) / MIB
-        if self.base_in_use is not None:
+        if self.uses_malloc:
             return (malloc_in_use_bytes() - self.base_in_use + self.mapped_bytes) / MIB
         return (self._read() - self.base_sampled) / MIB
 
@@ -181,12 +219,13 @@ class MemorySampler:
             self._stop.wait(self.interval_s)
 
     def _sample(self) -> None:
-        if self.device.type != "cuda" and self.base_in_use is not None:
-            # one mallinfo2 call: the RSS peak comes from the kernel's high-water mark at the end
-            self.peak_in_use = max(self.peak_in_use, malloc_in_use_bytes())
-        else:
-            self.peak_sampled = max(self.peak_sampled, self._read())
-        self.samples += 1
+        with self._lock:
+            if self.uses_malloc:
+                # one mallinfo2 call: the RSS peak comes from the kernel's high-water mark at the end
+                self.peak_in_use = max(self.peak_in_use, malloc_in_use_bytes())
+            else:
+                self.peak_sampled = max(self.peak_sampled, self._read())
+            self.samples += 1
 
     def _raise_exceeded(self, signum, frame) -> None:
         raise MemoryLimitExceeded(f"over memory_limit_mb={self.limit_mb:g}")
@@ -211,6 +250,10 @@ class MemorySampler:
             signal.signal(signal.SIGUSR1, self._previous_handler)
         self._sample()
         self.peak_sampled = max(self.peak_sampled, self._read())
+        self.phase_peaks[self.current_phase] = self._phase_peak_mb()
+        common = {"memory_phase": self.current_phase, "phase_peak_memory_mb": dict(self.phase_peaks),
+                  "memory_samples": self.samples}
+        # every peak below is the current phase's: training's, or where a failed job stopped
         sampled = (self.peak_sampled - self.base_sampled) / MIB
         if self.device.type == "cuda":
             import torch
@@ -223,18 +266,18 @@ class MemorySampler:
                 "cuda_max_allocated_mb": allocated,
                 "cuda_max_reserved_mb": reserved,
                 "nvml_used_peak_mb": sampled if self._nvml is not None else None,
-                "memory_samples": self.samples,
+                **common,
             }
         hwm = (_max_rss_bytes() - self.base_sampled) / MIB
-        in_use = None if self.base_in_use is None else (max(self.peak_in_use, self.peak_probed) - self.base_in_use) / MIB
+        in_use = (max(self.peak_in_use, self.peak_probed) - self.base_in_use) / MIB if self.uses_malloc else None
         return {
-            "peak_memory_mb": max(sampled, hwm) if in_use is None else in_use + self.mapped_bytes / MIB,
+            "peak_memory_mb": sampled if in_use is None else in_use + self.mapped_bytes / MIB,
             "memory_source": "cpu_rss" if in_use is None else "cpu_malloc_in_use",
             "malloc_in_use_peak_mb": in_use,
             "file_mapped_weights_mb": self.mapped_bytes / MIB,
             "rss_peak_sampled_mb": sampled if in_use is None else None,  # with glibc, VmHWM stands alone
-            "rss_high_water_mark_mb": hwm,
-            "memory_samples": self.samples,
+            "rss_high_water_mark_mb": hwm,  # the whole process's, every phase
+            **common,
         }
 
 

@@ -16,9 +16,10 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-SCHEMA_VERSION = 6  # 2: config_hash, status "cancelled"; 3: predicted memory; 4: forgetting;
+SCHEMA_VERSION = 7  # 2: config_hash, status "cancelled"; 3: predicted memory; 4: forgetting;
 # 5: CPU peak memory is malloc in use (memory_source "cpu_malloc_in_use"), compile and adamw_impl;
-# 6: each scored example's outcome in predictions.jsonl (`outcomes`)
+# 6: each scored example's outcome in predictions.jsonl (`outcomes`); 7: peak memory is the
+# training phase's (memory_phase, phase_peak_memory_mb)
 SCHEMA_PATH = Path(__file__).with_name("result_schema.json")
 RESULT_NAME = "result.json"
 OUTCOMES_NAME = "predictions.jsonl"  # each scored example's outcome, one JSON object a line

@@ -134,6 +134,31 @@ print(json.dumps(peaks))
     assert 128 <= peaks["peak_memory_mb"] < 140
 
 
+def test_the_peak_is_the_training_phases_and_each_phase_keeps_its_own():
+    """A load that peaks high (a 256 MiB cast, then freed) and training that holds 64 MiB plus
+    128 MiB of steps: the headline is training's, with the load's kept beside it."""
+    import subprocess
+    import sys
+
+    code = """
+import json, torch
+from harness.measure import MemorySampler
+sampler = MemorySampler("cpu", interval_s=0.005).start()
+weights = torch.ones(2**24)                        # 64 MiB, held to the end
+cast = torch.ones(2**26); del cast                 # 256 MiB at load, freed
+sampler.phase("prepare")
+sampler.phase("train")
+step = torch.ones(2**25); sampler.probe(); del step  # 128 MiB during a step
+print(json.dumps(sampler.stop()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    peaks = json.loads(out.strip().splitlines()[-1])
+    phases = peaks["phase_peak_memory_mb"]
+    assert peaks["memory_phase"] == "train" and set(phases) == {"load", "prepare", "train"}
+    assert 320 <= phases["load"] < 335       # weights + the cast at once
+    assert 64 <= phases["prepare"] < 70      # what was held after the load
+    assert 192 <= peaks["peak_memory_mb"] == phases["train"] < 200
+
 def test_weights_mapped_from_a_checkpoint_file_count_as_memory(tmp_path):
     """A same-dtype safetensors load maps the file instead of copying it: malloc never sees
     those weights, so the sampler adds them (and only those)."""

@@ -220,7 +220,7 @@ BAD_INPUT = [
     (P, lambda t: [str(t / "nowhere")], "does not exist"),
     (P, lambda t: [str(t)], "no result.json under"),
     (P, lambda t: [str(result_folder(t, "not json"))], "is not a valid result (JSONDecodeError"),
-    (P, lambda t: [str(foreign_result(t))], "is not a valid result (ValidationError: 99 is not one of [2, 3, 4, 5, 6])"),
+    (P, lambda t: [str(foreign_result(t))], "is not a valid result (ValidationError: 99 is not one of [2, 3, 4, 5, 6, 7])"),
     (P, lambda t: [str(REPO / "tests" / "golden"), "--jobs", "0"], "--jobs 0: must be a positive integer"),
     (PL, lambda t: ["model=qwen9"], "unknown model 'qwen9' (allowed: llama-3.1-8b"),
     (PL, lambda t: ["model=qwen2.5-7b", "train.batch_size=0"], "train.batch_size=0: must be a positive integer"),

@@ -14,7 +14,7 @@ KEYS = ["model", "method", "task", "seed", "status", "error", "job_dir"]
 # Columns the report reads; present (maybe empty) even when no result carries them.
 EXPECTED = KEYS + [
     "metrics.score", "metrics.score_before", "metrics.peak_memory_mb", "metrics.memory_source",
-    "metrics.predicted_peak_memory_mb",
+    "metrics.predicted_peak_memory_mb", "metrics.memory_phase",
     "metrics.tokens_per_s", "metrics.trainable_params", "metrics.total_params",
     "metrics.wall_setup_s", "metrics.wall_train_s", "metrics.wall_eval_s", "metrics.wall_total_s",
     "config.sweep_name", "config.model.name_or_path", "env.start_time", "env.end_time",
@@ -22,8 +22,8 @@ EXPECTED = KEYS + [
 LISTS = ["metrics.train_losses", "metrics.score_samples"]  # kept in the frame, not in the CSV
 
 
-READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4, 5, 6)  # 2 added config_hash and status "cancelled"; 3 predicted memory; 4 forgetting;
-# 5 CPU peak memory as malloc in use; 6 per-example outcomes
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4, 5, 6, 7)  # 2 added config_hash and status "cancelled"; 3 predicted memory; 4 forgetting;
+# 5 CPU peak memory as malloc in use; 6 per-example outcomes; 7 peak memory of the training phase
 
 
 def result_files(folder: Path) -> list[Path]:

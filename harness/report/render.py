@@ -208,9 +208,17 @@ def intro(df: pd.DataFrame, summary: pd.DataFrame) -> str:
 def memory_note(df: pd.DataFrame) -> str:
     sources = sorted(df["metrics.memory_source"].dropna().unique())
     described = "; ".join(f"{s}: {MEMORY_SOURCES.get(s, 'see the README')}" for s in sources)
-    return ("Peak memory (MiB) is measured from just before the model loads to the end of "
-            f"training, zero-shot scoring included, with the libraries already imported. "
-            f"Source here: {described or 'unknown'}.")
+    phases = df["metrics.memory_phase"].fillna("whole").where(df["status"] == "ok").dropna().unique()
+    spans = []
+    if "train" in phases:
+        spans.append("over training (from the first training step to the last: the weights, "
+                     "optimizer states and activations then held; the model load and the scoring "
+                     "before training are kept apart in each result.json, phase_peak_memory_mb)")
+    if "whole" in phases:
+        spans.append("from just before the model loads to the end of training, zero-shot scoring "
+                     "included (results of schema 6 and older)")
+    return (f"Peak memory (MiB) is measured {' and, for some jobs, '.join(spans) or 'as each job records it'}, "
+            f"above what the process held with the libraries imported. Source here: {described or 'unknown'}.")
 
 
 def learning_rate_table(choices: pd.DataFrame) -> str:
