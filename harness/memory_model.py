@@ -43,7 +43,9 @@ overhead     A fixed runtime overhead: on CUDA, the caching allocator's slack an
 Peak: the weights and optimizer states live throughout; on top of them comes the larger of
 the forward/backward phase (activations + logits + autocast copies, + gradients already
 accumulated when grad_accum > 1) and the optimizer step (gradients + the step's temporaries:
-torch's multi-tensor AdamW on CUDA makes one more state-sized buffer).
+torch's multi-tensor AdamW on CUDA makes one more state-sized buffer, its per-tensor loop one
+tensor's worth; bitsandbytes' 8-bit AdamW none on CUDA, 20 B per element of the largest tensor
+on a CPU).
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ NF4_BLOCK = 64           # bitsandbytes 4-bit block size (weights per absmax)
 DQ_BLOCK = 256           # double quantization: absmaxes per second-level fp32 scale
 ADAM8BIT_BLOCK = 256     # bitsandbytes 8-bit optimizer block size
 ADAM8BIT_MIN_SIZE = 4096  # smaller tensors keep 32-bit states (bnb min_8bit_size)
+# bitsandbytes' 8-bit AdamW on a CPU steps each tensor through fp32 torch ops (its states
+# dequantized, the update, requantized): 20 B per element of the tensor being stepped, measured
+# on bitsandbytes 0.50 (one 28M-element tensor: 540 MiB; a 2.4M one: 45 MiB)
+ADAM8BIT_CPU_STEP_BYTES = 20
 
 
 class UnsupportedModel(ValueError):
@@ -343,7 +349,9 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
     multi_tensor = adamw_impl == "foreach" or (adamw_impl == "default" and device == "cuda")
     if optimizer_name == "adamw" and adamw_impl != "fused":
         step_temp = trainable * tbytes if multi_tensor else min(trainable, largest) * tbytes
-    else:
+    elif device == "cpu":  # bitsandbytes' CPU step: fp32 working copies for the tensor being stepped
+        step_temp = ADAM8BIT_CPU_STEP_BYTES * min(trainable, largest)
+    else:  # its CUDA kernels update the 8-bit states in place
         step_temp = 0
     step = gradients + step_temp
     overhead = (CPU_OVERHEAD_MB if device == "cpu" else CUDA_OVERHEAD_MB) * MIB
