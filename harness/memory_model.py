@@ -349,9 +349,9 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
     multi_tensor = adamw_impl == "foreach" or (adamw_impl == "default" and device == "cuda")
     if optimizer_name == "adamw" and adamw_impl != "fused":
         step_temp = trainable * tbytes if multi_tensor else min(trainable, largest) * tbytes
-    elif device == "cpu":  # bitsandbytes' CPU step: fp32 working copies for the tensor being stepped
-        step_temp = ADAM8BIT_CPU_STEP_BYTES * min(trainable, largest)
-    else:  # its CUDA kernels update the 8-bit states in place
+    elif optimizer_name != "adamw" and device == "cpu":  # bitsandbytes' 8-bit step on a CPU: fp32
+        step_temp = ADAM8BIT_CPU_STEP_BYTES * min(trainable, largest)  # copies for the tensor stepped
+    else:  # fused AdamW; bitsandbytes' CUDA kernels, which update the 8-bit states in place
         step_temp = 0
     step = gradients + step_temp
     overhead = (CPU_OVERHEAD_MB if device == "cpu" else CUDA_OVERHEAD_MB) * MIB

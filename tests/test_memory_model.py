@@ -141,6 +141,26 @@ def test_unknown_architectures_are_refused_by_name():
         memory_model.predict({"model_type": "gpt2"}, compose()["method"], batch_size=1, seq_len=8)
 
 
+def test_8bit_adamw_on_a_cpu_counts_its_fp32_step_copies_and_fused_adamw_none():
+    """bitsandbytes' CPU step works through fp32 copies of the tensor being stepped (20 B per
+    element: the 28M-element embedding of SmolLM2-135M); its CUDA kernels and fused AdamW none."""
+    arch = json.loads((REPO / "harness/architectures/smollm2-135m.json").read_text())
+    largest = arch["vocab_size"] * arch["hidden_size"]
+
+    def step_part(p):  # what the peak holds beyond weights, optimizer states and overhead
+        return p["peak_mb"] - p["weights_mb"] - p["optimizer_mb"] - p["overhead_mb"]
+
+    adam8 = compose(["method=full-adam8bit"])["method"]
+    cpu = memory_model.predict(arch, adam8, batch_size=1, seq_len=16, device="cpu")
+    assert cpu["peak_phase"] == "optimizer_step"
+    assert step_part(cpu) == pytest.approx(cpu["gradients_mb"] + 20 * largest / 2**20)
+    cuda = memory_model.predict(arch, adam8, batch_size=1, seq_len=16, device="cuda")
+    assert step_part(cuda) < step_part(cpu)
+    fused = memory_model.predict(arch, compose(["method=full"])["method"], batch_size=1, seq_len=16, device="cpu",
+                                 adamw_impl="fused")
+    assert fused["peak_phase"] == "optimizer_step" and step_part(fused) == pytest.approx(fused["gradients_mb"])
+
+
 def test_memory_grows_with_batch_and_shrinks_with_checkpointing():
     arch = json.loads((REPO / "harness/architectures/llama-3.2-1b.json").read_text())
     method = compose(["method=lora"])["method"]

@@ -537,3 +537,18 @@ def test_plan_power_bad_input(tmp_path, sweep, args, message):
     errors = [line for line in proc.stderr.splitlines() if not line.startswith("warning: ")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
+
+
+def test_memory_note_says_which_span_the_jobs_measured():
+    from harness.report.render import memory_note
+
+    def frame(phases):
+        return pd.DataFrame({"status": ["ok"] * len(phases), "metrics.memory_source": ["cpu_malloc_in_use"] * len(phases),
+                             "metrics.memory_phase": phases})
+
+    schema7 = memory_note(frame(["train", "train"]))
+    assert "over training" in schema7 and "schema 6" not in schema7
+    old = memory_note(frame([None]))  # results before schema 7 carry no phase
+    assert "from just before the model loads" in old and "over training" not in old
+    mixed = memory_note(frame(["train", None]))
+    assert "over training" in mixed and "for some jobs, from just before the model loads" in mixed
