@@ -552,3 +552,18 @@ def test_memory_note_says_which_span_the_jobs_measured():
     assert "from just before the model loads" in old and "over training" not in old
     mixed = memory_note(frame(["train", None]))
     assert "over training" in mixed and "for some jobs, from just before the model loads" in mixed
+
+
+def test_adaloras_final_ranks_are_one_json_cell_of_results_csv(tmp_path):
+    ranks = {f"model.layers.{i}.self_attn.{m}.lora_E.default": 4 for i in range(30) for m in ("q_proj", "v_proj")}
+    for seed in (0, 1):
+        job = tmp_path / "sweep" / str(seed)
+        job.mkdir(parents=True)
+        result = fake_result("small", "adalora" if seed else "qlora", 0)
+        if seed:
+            result["metrics"]["adalora_final_ranks"] = ranks
+        (job / "result.json").write_text(json.dumps(result))
+    csv = pd.read_csv(build_report([tmp_path / "sweep"], tmp_path / "out").parent / "results.csv")
+    assert [c for c in csv.columns if "adalora_final_ranks" in c] == ["metrics.adalora_final_ranks"]
+    cells = dict(zip(csv["method"], csv["metrics.adalora_final_ranks"]))
+    assert json.loads(cells["adalora"]) == ranks and pd.isna(cells["qlora"])

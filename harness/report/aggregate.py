@@ -20,6 +20,8 @@ EXPECTED = KEYS + [
     "config.sweep_name", "config.model.name_or_path", "env.start_time", "env.end_time",
 ]
 LISTS = ["metrics.train_losses", "metrics.score_samples"]  # kept in the frame, not in the CSV
+# Mappings with a key per module: one JSON cell each, not a column per key
+WHOLE = ["metrics.adalora_final_ranks"]
 
 
 READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4, 5, 6, 7)  # 2 added config_hash and status "cancelled"; 3 predicted memory; 4 forgetting;
@@ -58,8 +60,9 @@ def collect(dirs: list[Path]) -> pd.DataFrame:
                 if metrics.get("score_meaningful") is False:  # random weights: never compared
                     metrics["score"] = metrics["score_before"] = None
                 lists = {key: metrics.pop(key.split(".", 1)[1], None) for key in LISTS}
+                whole = {key: metrics.pop(key.split(".", 1)[1]) for key in WHOLE if key.split(".", 1)[1] in metrics}
                 flat = pd.json_normalize(data).iloc[0].to_dict()
-                records.append({**flat, **lists, "job_dir": str(path.parent)})
+                records.append({**flat, **lists, **whole, "job_dir": str(path.parent)})
     df = pd.DataFrame.from_records(records)
     for column in EXPECTED + LISTS:
         if column not in df.columns:
