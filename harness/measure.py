@@ -250,9 +250,9 @@ class MemorySampler:
             signal.signal(signal.SIGUSR1, self._previous_handler)
         self._sample()
         self.peak_sampled = max(self.peak_sampled, self._read())
-        self.phase_peaks[self.current_phase] = self._phase_peak_mb()
-        common = {"memory_phase": self.current_phase, "phase_peak_memory_mb": dict(self.phase_peaks),
-                  "memory_samples": self.samples}
+        peak = self.phase_peaks[self.current_phase] = self._phase_peak_mb()  # the headline
+        common = {"peak_memory_mb": peak, "memory_phase": self.current_phase,
+                  "phase_peak_memory_mb": dict(self.phase_peaks), "memory_samples": self.samples}
         # every peak below is the current phase's: training's, or where a failed job stopped
         sampled = (self.peak_sampled - self.base_sampled) / MIB
         if self.device.type == "cuda":
@@ -261,7 +261,6 @@ class MemorySampler:
             allocated = (torch.cuda.max_memory_allocated(self.device) - self.base_allocated) / MIB
             reserved = (torch.cuda.max_memory_reserved(self.device) - self.base_reserved) / MIB
             return {
-                "peak_memory_mb": reserved,
                 "memory_source": "cuda_max_reserved",
                 "cuda_max_allocated_mb": allocated,
                 "cuda_max_reserved_mb": reserved,
@@ -271,7 +270,6 @@ class MemorySampler:
         hwm = (_max_rss_bytes() - self.base_sampled) / MIB
         in_use = (max(self.peak_in_use, self.peak_probed) - self.base_in_use) / MIB if self.uses_malloc else None
         return {
-            "peak_memory_mb": sampled if in_use is None else in_use + self.mapped_bytes / MIB,
             "memory_source": "cpu_rss" if in_use is None else "cpu_malloc_in_use",
             "malloc_in_use_peak_mb": in_use,
             "file_mapped_weights_mb": self.mapped_bytes / MIB,

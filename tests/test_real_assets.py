@@ -83,6 +83,10 @@ def test_asdiv_copy_holds_every_problem_and_the_task_scores_its_numeric_answers(
     body = example["prompt"].split("\nQuestion: ")[0]
     number = example["answer"].removeprefix(" The answer is ").rstrip(".")
     assert copy[copy["body"] == body]["answer"].str.startswith(number).any()
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="task.n_test=null: asdiv has one split"):  # no test split of its own
+        load_task(compose(["task=asdiv", "task.dataset.path=${offline_copy:asdiv}", "task.n_test=null"])["task"])
 
 
 def test_real_tasks_read_the_local_copies_through_their_loading_code():

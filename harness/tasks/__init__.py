@@ -133,6 +133,20 @@ def labelled_splits(task_cfg: dict, columns, test_split: str = "validation"):
     return train, validation, test
 
 
+def one_split_cut(rows, task_cfg: dict):
+    """(train, validation, test) of a dataset with a single split: `rows` shuffled by the task's
+    seed, then its first `n_test`, the next `n_validation` and `n_train` of the rest, disjoint."""
+    if task_cfg["n_test"] is None:
+        raise ConfigError(f"task.n_test=null: {task_cfg['name']} has one split to cut test, validation and train "
+                          "from; give n_test a number")
+    rows = shuffled(rows, task_cfg["seed"])
+    n_test, n_val = task_cfg["n_test"], task_cfg["n_validation"]
+    test = take(rows, n_test, "task.n_test")
+    validation = take(rows.select(range(n_test, len(rows))), n_val, "task.n_validation")
+    train = take(rows.select(range(n_test + n_val, len(rows))), task_cfg["n_train"], "task.n_train")
+    return train, validation, test
+
+
 def two_choices(task_cfg: dict, meaning: str) -> list[str]:
     """The task's two `choices` (label 0, label 1), or a ConfigError saying what they mean."""
     choices = list(task_cfg["choices"] or [])

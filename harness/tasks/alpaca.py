@@ -8,8 +8,7 @@ Prompts use the Alpaca template's sections, without its preamble.
 
 from __future__ import annotations
 
-from harness.errors import ConfigError
-from harness.tasks import converted, load_split, shuffled, take
+from harness.tasks import converted, load_split, one_split_cut
 
 COLUMNS = ("instruction", "input", "output")
 WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -25,13 +24,6 @@ def convert(example: dict) -> dict:
 def build(task_cfg: dict):
     import datasets
 
-    if task_cfg["n_test"] is None:
-        raise ConfigError("task.n_test=null: alpaca has one split to cut test, validation and train from; "
-                          "give n_test a number")
-    rows = shuffled(load_split(task_cfg["dataset"], "train", columns=COLUMNS), task_cfg["seed"])
-    n_test, n_val = task_cfg["n_test"], task_cfg["n_validation"]
-    test = take(rows, n_test, "task.n_test")
-    validation = take(rows.select(range(n_test, len(rows))), n_val, "task.n_validation")
-    train = take(rows.select(range(n_test + n_val, len(rows))), task_cfg["n_train"], "task.n_train")
+    train, validation, test = one_split_cut(load_split(task_cfg["dataset"], "train", columns=COLUMNS), task_cfg)
     return datasets.DatasetDict({"train": converted(train, convert), "validation": converted(validation, convert),
                                  "test": converted(test, convert)})

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from harness.tasks import converted, load_split, shuffled, take
+from harness.tasks import converted, load_split, one_split_cut
 
 COLUMNS = ("body", "question", "answer")
 PROMPT = "{body}\nQuestion: {question}\nAnswer:"
@@ -36,11 +36,6 @@ def build(task_cfg: dict):
     import datasets
 
     rows = load_split(task_cfg["dataset"], "validation", columns=COLUMNS)
-    rows = shuffled(rows.filter(lambda r: number_of(r["answer"]) is not None), task_cfg["seed"])
-    n_test, n_val = task_cfg["n_test"], task_cfg["n_validation"]
-    test = take(rows, n_test, "task.n_test")
-    rest = rows.select(range(len(test), len(rows)))
-    validation = take(rest, n_val, "task.n_validation")
-    train = take(rest.select(range(len(validation), len(rest))), task_cfg["n_train"], "task.n_train")
+    train, validation, test = one_split_cut(rows.filter(lambda r: number_of(r["answer"]) is not None), task_cfg)
     return datasets.DatasetDict({split: converted(data, convert) for split, data in
                                  (("train", train), ("validation", validation), ("test", test))})
