@@ -121,8 +121,10 @@ class MemorySampler:
 
         self.device = torch.device(device)
         self.interval_s = interval_s
-        self._lock = threading.Lock()  # a phase change and a sample never interleave
         self.current_phase = "load"
+        # phase changes counted by the main thread; the sampling thread restarts its own peak
+        # when it sees a new one (only it writes its peak: no lock, which a signal could leave held)
+        self._phase_index = self._seen_index = 0
         self.phase_peaks: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
@@ -157,32 +159,33 @@ class MemorySampler:
         forward pass, after the optimizer step): one mallinfo2 call, so the thread can sample
         slowly and still not miss a step's peak. A no-op on CUDA, whose peaks are exact."""
         if self.uses_malloc:
-            with self._lock:
-                self.peak_probed = max(self.peak_probed, malloc_in_use_bytes())
+            self.peak_probed = max(self.peak_probed, malloc_in_use_bytes())
 
     def phase(self, name: str) -> None:
         """End the current phase, keeping its peak, and start `name` ("prepare", "train") with
         peaks reset to what is held now (the baseline stays the job's)."""
-        with self._lock:
-            self.phase_peaks[self.current_phase] = self._phase_peak_mb()
-            self.current_phase = name
-            if self.device.type == "cuda":
-                import torch
+        self.phase_peaks[self.current_phase] = self._phase_peak_mb()
+        self.current_phase = name
+        if self.device.type == "cuda":
+            import torch
 
-                torch.cuda.reset_peak_memory_stats(self.device)
-            elif self.uses_malloc:
-                self.peak_in_use = self.peak_probed = malloc_in_use_bytes()
-            self.peak_sampled = self._read()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.uses_malloc:
+            self.peak_probed = malloc_in_use_bytes()
+        self._phase_index += 1
 
     def _phase_peak_mb(self) -> float:
-        """The current phase's peak so far, on the headline's basis."""
+        """The current phase's peak so far, on the headline's basis (the thread's peak counts
+        once it has sampled in this phase)."""
         if self.device.type == "cuda":
             import torch
 
             return (torch.cuda.max_memory_reserved(self.device) - self.base_reserved) / MIB
+        fresh = self._seen_index == self._phase_index
         if self.uses_malloc:
-            return (max(self.peak_in_use, self.peak_probed) - self.base_in_use + self.mapped_bytes) / MIB
-        return (self.peak_sampled - self.base_sampled) / MIB
+            sampled = self.peak_in_use if fresh else 0
+            return (max(sampled, self.peak_probed, malloc_in_use_bytes()) - self.base_in_use + self.mapped_bytes) / MIB
+        return (max(self.peak_sampled if fresh else 0, self._read()) - self.base_sampled) / MIB
 
     def note_model(self, model) -> None:
         """Count, from now on, the model's tensors that live in mapped checkpoint files (CPU):
@@ -219,13 +222,17 @@ class MemorySampler:
             self._stop.wait(self.interval_s)
 
     def _sample(self) -> None:
-        with self._lock:
-            if self.uses_malloc:
-                # one mallinfo2 call: the RSS peak comes from the kernel's high-water mark at the end
-                self.peak_in_use = max(self.peak_in_use, malloc_in_use_bytes())
-            else:
-                self.peak_sampled = max(self.peak_sampled, self._read())
-            self.samples += 1
+        index = self._phase_index
+        restart = index != self._seen_index  # a new phase: this reading starts its peak
+        self._seen_index = index
+        if self.uses_malloc:
+            # one mallinfo2 call: the RSS peak comes from the kernel's high-water mark at the end
+            value = malloc_in_use_bytes()
+            self.peak_in_use = value if restart else max(self.peak_in_use, value)
+        else:
+            value = self._read()
+            self.peak_sampled = value if restart else max(self.peak_sampled, value)
+        self.samples += 1
 
     def _raise_exceeded(self, signum, frame) -> None:
         raise MemoryLimitExceeded(f"over memory_limit_mb={self.limit_mb:g}")
