@@ -26,12 +26,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from harness.config import CONF_DIR, check_composes, check_group_choices, gpu_count, validate, visible_gpu_count
-from harness.errors import ConfigError
+from harness.config import (CONF_DIR, check_group_choices, check_library_settings, compose_jobs, gpu_count,
+                            resolved, validate, visible_gpu_count)
+from harness.errors import ConfigError, OutputUnwritable, unwritable
 from harness.callbacks import FAILED_IN_SWEEP, SWEEP
-from harness.launch import build_model, gpu_slot, launch_job
+from harness.launch import build_model, call_in_server, gpu_slot, launch_job
 from harness.models import is_built
 from harness.results import RESULT_NAME, config_hash, reusable
 
@@ -113,14 +113,10 @@ def run(cfg: DictConfig) -> str:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir).resolve()
     try:
-        config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        config = resolved(cfg)
         validate(config)
     except ConfigError as e:
         refuse(str(e), out_dir)
-    except MissingMandatoryValue as e:
-        refuse(f"{e.full_key} must be set: add {e.full_key}=... to the command line", out_dir)
-    except OmegaConfBaseException as e:
-        refuse(str(e).splitlines()[0], out_dir)
 
     path = out_dir / RESULT_NAME
     if prepare_folder(out_dir, config_hash(config), config["force"]):
@@ -135,14 +131,15 @@ def run(cfg: DictConfig) -> str:
             refuse(str(e), out_dir)
     command = shlex.join(["python", "-m", "harness", *sys.argv[1:]])
     overrides = list(hydra_cfg.overrides.task)
-    payload = {"config": config, "command": command, "overrides": overrides, "launched_at": time.time()}
+    payload = {"config": config, "command": command, "overrides": overrides, "launched_at": time.time(),
+               "env": {k: str(v) for k, v in (hydra_cfg.job.env_set or {}).items()}}  # the server predates them
     launcher = str(hydra_cfg.launcher.get("_target_", ""))
     if launcher.endswith("JoblibLauncher"):  # hydra/launcher=local-gpus: one GPU per running job
         slots = int(hydra_cfg.launcher.n_jobs)
         if slots < 1:  # joblib's -1 (all CPUs) means nothing for GPUs
             slots = visible_gpu_count()
         with gpu_slot(Path(hydra_cfg.sweep.dir) / ".gpu-slots", slots) as (slot, visible):
-            payload["env"] = {"HARNESS_GPU_SLOT": str(slot), "CUDA_VISIBLE_DEVICES": visible}
+            payload["env"].update(HARNESS_GPU_SLOT=str(slot), CUDA_VISIBLE_DEVICES=visible)
             if config["device"] == "cpu" or (config["device"] == "auto" and gpu_count() == 0):
                 # CPU jobs side by side: share the cores instead of each taking all of them
                 payload["env"]["HARNESS_CPU_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // slots))
@@ -159,13 +156,25 @@ def run(cfg: DictConfig) -> str:
     return str(path)
 
 
+def preflight(argv: list[str]) -> None:
+    """Before the first job: every value the command will run composes and is valid, and
+    the libraries take the settings passed to them (checked in a process forked from the job
+    server, which the jobs fork from next)."""
+    configs = compose_jobs(argv)
+    for config in configs:
+        validate(config)
+    if configs:
+        call_in_server(check_library_settings, configs)
+
+
 def main() -> None:
     try:
         check_group_choices(sys.argv[1:])
-        check_composes(sys.argv[1:])
+        preflight(sys.argv[1:])
     except ConfigError as e:
         refuse(str(e))
     cancel_on_sigterm()
+    logging.raiseExceptions = False  # a full disk: no traceback per log line (the failed write says it)
     FAILED_IN_SWEEP.clear()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let a launcher's exception reach the handlers below
     try:
@@ -176,13 +185,24 @@ def main() -> None:
         print("cancelled: the running job recorded itself as cancelled; rerun the same command "
               "(same hydra.sweep.dir for a sweep) to resume", file=sys.stderr)
         sys.exit(130)
+    except OutputUnwritable as e:
+        stop_unwritable(e)
     except Exception as e:
+        if (stop := unwritable(e)) is not None:  # Hydra's own files of the next job
+            stop_unwritable(stop)
         if type(e).__name__ not in LOST_JOB_ERRORS:
             raise
         lost_jobs(e)
     if FAILED_IN_SWEEP:
         log.error("%d job(s) ended in error or were cancelled: %s", len(FAILED_IN_SWEEP), ", ".join(FAILED_IN_SWEEP))
         sys.exit(1)
+
+
+def stop_unwritable(stop: OutputUnwritable) -> None:
+    """The disk refused a write: say which file (unless the job process has), exit 1."""
+    if str(stop):
+        print(f"error: {stop}", file=sys.stderr)
+    sys.exit(1)
 
 
 # submitit's errors for a job that died without returning (killed, node failure, no output)

@@ -87,31 +87,94 @@ def check_group_choices(argv: list[str]) -> None:
                 raise ConfigError(f"unknown {o.key_or_group} {value!r} (allowed: {', '.join(allowed)})")
 
 
-def check_composes(argv: list[str]) -> None:
-    """Compose the config as Hydra will (the first value of each sweep), so that unknown keys
-    and malformed overrides get one line; and check the output folder can be written."""
+def resolved(cfg) -> dict:
+    """A composed job config as a plain dict, every interpolation resolved; a missing value or
+    a bad interpolation is one ConfigError."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{e.full_key} must be set: add {e.full_key}=... to the command line")
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0])
+
+
+def _composition_error(e: Exception) -> ConfigError:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip() and "hydra.cc" not in line]
+    return ConfigError("; ".join(lines[:2]) or type(e).__name__)
+
+
+def _is_plain_change(override) -> bool:
+    """A `key=value` override of a job config key that OmegaConf can apply to a composed config
+    (not a config group, not Hydra's, not an addition or deletion)."""
+    from hydra.core.override_parser.types import OverrideType
+
+    key = override.key_or_group
+    return (override.type == OverrideType.CHANGE and key not in GROUPS and "/" not in key
+            and not key.startswith("hydra"))
+
+
+def compose_jobs(argv: list[str]) -> list[dict]:
+    """Compose the config as Hydra will and return resolved job configs to check before any job
+    starts: the first value of every swept key (command line and the sweep's
+    hydra.sweeper.params), then each other value of each swept key with the others' first
+    values, so that every value a sweep will run is checked without composing its whole grid.
+    Unknown keys and malformed overrides get one line, and the output folder must be writable."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
 
     args, _ = get_args_parser().parse_known_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion or args.config_dir or args.config_path:
-        return
-    try:
-        overrides = []
-        for o in OverridesParser.create().parse_overrides(args.overrides):
-            if o.is_sweep_override():
-                value = next(iter(o.sweep_string_iterator()))
-                overrides.append(f"{o.get_key_element()}={value}")
+        return []
+    parser = OverridesParser.create()
+
+    def parsed(lines: list[str]) -> dict:
+        try:
+            return {o.get_key_element(): o for o in parser.parse_overrides(lines)}
+        except Exception as e:
+            raise _composition_error(e)
+
+    def first_values(overrides: dict) -> dict:
+        return {key: f"{key}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override() else o.input_line
+                for key, o in overrides.items()}
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        def composed(lines):
+            try:
+                return compose(args.config_name or "config", overrides=list(lines), return_hydra_config=True)
+            except Exception as e:  # Hydra's and OmegaConf's composition errors
+                raise _composition_error(e)
+
+        overrides = parsed(args.overrides)
+        base = composed(first_values(overrides).values())
+        if args.multirun:  # a named sweep's grid; the command line wins over it, as in Hydra's sweeper
+            params = base.hydra.sweeper.get("params") or {}
+            overrides = {**parsed([f"{k}={v}" for k, v in params.items()]), **overrides}
+            base = composed(first_values(overrides).values())
+        key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+        check_writable(Path(base.hydra.sweep.dir if args.multirun else base.hydra.run.dir), f"{key}=...")
+
+        def job(cfg) -> dict:
+            return resolved(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+
+        jobs = [job(base)]
+        firsts = first_values(overrides)
+        for name, override in overrides.items():
+            if not override.is_sweep_override() or override.is_interval_sweep():
+                continue  # an interval is a sweeper's search space (Optuna, Ax): no values to list
+            if _is_plain_change(override):
+                for value in list(override.sweep_iterator())[1:]:
+                    cfg = base.copy()
+                    OmegaConf.update(cfg, override.key_or_group, value, merge=True)
+                    jobs.append(job(cfg))
             else:
-                overrides.append(o.input_line)
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(args.config_name or "config", overrides=overrides, return_hydra_config=True)
-    except Exception as e:  # Hydra's and OmegaConf's composition errors
-        lines = [line.strip() for line in str(e).splitlines() if line.strip() and "hydra.cc" not in line]
-        raise ConfigError("; ".join(lines[:2]) or type(e).__name__)
-    key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
-    check_writable(Path(cfg.hydra.sweep.dir if args.multirun else cfg.hydra.run.dir), f"{key}=...")
+                for value in list(override.sweep_string_iterator())[1:]:
+                    jobs.append(job(composed({**firsts, name: f"{name}={value}"}.values())))
+    return jobs
 
 
 def check_writable(folder: Path, how_to_change: str) -> None:
@@ -176,6 +239,27 @@ def _held_out_below(cfg: dict, section: str) -> None:
                           f"{section}.max_operand={top}")
 
 
+TINY_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "max_position_embeddings", "vocab_size")
+
+
+def _tiny_architecture(cfg: dict) -> None:
+    """The tiny model's LlamaConfig values that can be checked without building it."""
+    for key in TINY_SIZES:
+        _positive_int(cfg, f"model.tiny.{key}")
+    _positive_int(cfg, "model.tiny.seed", minimum=0)
+    tiny = cfg["model"]["tiny"]
+    hidden, heads, kv_heads = tiny["hidden_size"], tiny["num_attention_heads"], tiny["num_key_value_heads"]
+    if hidden % heads or (hidden // heads) % 2:
+        raise ConfigError(f"model.tiny.hidden_size={hidden}: must be an even multiple of model.tiny."
+                          f"num_attention_heads={heads} (each head's size is even for rotary embeddings)")
+    if heads % kv_heads:
+        raise ConfigError(f"model.tiny.num_key_value_heads={kv_heads}: must divide model.tiny."
+                          f"num_attention_heads={heads}")
+    if not isinstance(tiny.get("tie_word_embeddings", False), bool):
+        raise ConfigError(f"model.tiny.tie_word_embeddings={tiny['tie_word_embeddings']!r}: must be true or false")
+
+
 def validate(cfg: dict) -> None:
     """Check a resolved job config (plain dict); raise ConfigError on the first bad value."""
     from harness.models import INIT_CHOICES, PACKAGE_PREFIX, architectures, gguf_path, is_local_path
@@ -232,6 +316,8 @@ def validate(cfg: dict) -> None:
     if init == "random" and not tiny and cfg["model"].get("architecture") not in architectures():
         raise ConfigError(f"model.init=random needs model.architecture, one of {', '.join(architectures())} "
                           f"(got {cfg['model'].get('architecture')!r})")
+    if tiny:
+        _tiny_architecture(cfg)
     if not name_or_path and init == "pretrained":
         _get(cfg, "model.tiny")
         for key in ("steps", "batch_size", "texts", "max_operand"):
@@ -282,3 +368,23 @@ def validate(cfg: dict) -> None:
     for key in ("n_train", "n_validation", "n_test", "max_new_tokens", "seq_len"):
         if key in cfg["task"] and not (key in nullable and cfg["task"][key] is None):
             _positive_int(cfg, f"task.{key}")
+
+
+def check_library_settings(configs: list[dict]) -> None:
+    """Build what the jobs of `configs` hand to the libraries (each distinct method's
+    BitsAndBytesConfig, PEFT config and optimizer; each tiny model's LlamaConfig), so that a
+    bad value is one ConfigError before the first job. It imports torch, transformers and
+    PEFT: run it in a process forked from the job server (harness.launch.call_in_server)."""
+    from harness.methods import check_settings
+    from harness.models import tiny_llama_config
+
+    done = set()
+    for config in configs:
+        model, method = config["model"], config["method"]
+        key = json.dumps([method, config["train"], model.get("tiny")], sort_keys=True, default=str)
+        if key in done:
+            continue
+        done.add(key)
+        check_settings(method, config["train"])
+        if not model.get("name_or_path") and model.get("tiny"):
+            tiny_llama_config(model["tiny"])

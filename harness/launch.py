@@ -15,6 +15,7 @@ import os
 import signal
 from pathlib import Path
 
+from harness.errors import ConfigError, OutputUnwritable, unwritable
 from harness.results import RESULT_NAME, new_result, now, write_json_atomic
 
 # Imported once by the forkserver; every job process is forked from it with these loaded.
@@ -61,14 +62,46 @@ def forkserver():
     return context
 
 
+def _reported(func, *args):
+    """Run func(*args) and return ("ok", its value) or ("error", one line): what crosses back
+    from the child process is always plain data (an exception may not unpickle)."""
+    try:
+        return "ok", func(*args)
+    except ConfigError as e:
+        return "error", str(e)
+    except Exception as e:
+        text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        return "error", f"{type(e).__name__}: {text[:400]}".rstrip(": ")
+
+
+def call_in_server(func, *args):
+    """func(*args) in a process forked from the preloaded server; its value. Whatever goes
+    wrong there (an exception, the process killed or crashing) raises ConfigError with one
+    line, at once: never a hang."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1, mp_context=forkserver()) as pool:
+        try:
+            outcome, value = pool.submit(_reported, func, *args).result()
+        except BrokenProcessPool:
+            raise ConfigError(f"the process running {func.__name__} died (killed, or out of memory)")
+    if outcome == "error":
+        raise ConfigError(value)
+    return value
+
+
 def build_model(model_cfg: dict) -> str:
     """Build (pretrain) a tiny or random-weight model into the cache in a process of its own,
     forked from the server, so that what building allocates (on a GPU too) is freed when it
-    ends and never held by the launching process during the sweep. Returns its folder."""
+    ends and never held by the launching process during the sweep. Returns its folder; a
+    build that fails raises ConfigError naming the model (its half-built folder is removed)."""
     from harness.models import resolve_model_source
 
-    with forkserver().Pool(1) as pool:
-        return pool.apply(resolve_model_source, (model_cfg,))
+    try:
+        return call_in_server(resolve_model_source, model_cfg)
+    except ConfigError as e:
+        raise ConfigError(f"model {model_cfg.get('name')!r} cannot be built: {e}")
 
 
 def run_job_process(payload: dict, out_dir: Path) -> int:
@@ -107,11 +140,18 @@ def result_for_dead_job(config: dict, returncode: int, command: str, overrides: 
 def launch_job(payload: dict, out_dir: Path) -> dict | None:
     """Run the job of `payload` into `out_dir` and return its result; None if the job refused
     its configuration (it has printed why)."""
+    from harness.job import UNWRITABLE_EXIT
+
     returncode = run_job_process(payload, out_dir)
     if returncode == 2:
         return None
+    if returncode == UNWRITABLE_EXIT:  # the job could not write its result and has said why
+        raise OutputUnwritable("")
     path = Path(out_dir) / RESULT_NAME
     if not path.is_file():
-        write_json_atomic(path, result_for_dead_job(payload["config"], returncode, payload.get("command", ""),
-                                                    payload.get("overrides", [])))
+        try:
+            write_json_atomic(path, result_for_dead_job(payload["config"], returncode, payload.get("command", ""),
+                                                        payload.get("overrides", [])))
+        except OSError as e:
+            raise unwritable(e) or e
     return json.loads(path.read_text())

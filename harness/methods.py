@@ -11,6 +11,7 @@ cannot apply to the model.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from harness.errors import ConfigError
@@ -40,6 +41,52 @@ def adalora_schedule(peft_kwargs: dict, max_steps: int) -> dict:
     return kw
 
 
+QUANT_TYPES = ("fp4", "nf4")  # bitsandbytes' 4-bit data types
+DTYPE_KEYS = {"bnb_4bit_compute_dtype": ("bfloat16", "float16", "float32"),
+              "bnb_4bit_quant_storage": ("uint8", "bfloat16", "float16", "float32")}
+
+
+def quantization_config(quantization: dict):
+    """transformers' BitsAndBytesConfig of a method's `quantization` block. It takes unknown
+    keys and unknown 4-bit types silently (and fails later, deep in loading): both are refused
+    here with one ConfigError naming the key and what is allowed."""
+    import inspect
+
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    allowed = [k for k in inspect.signature(BitsAndBytesConfig).parameters if k != "kwargs"]
+    for key, value in quantization.items():
+        if key not in allowed:
+            raise ConfigError(f"method.quantization.{key}: not a BitsAndBytesConfig setting "
+                              f"(allowed: {', '.join(allowed)})")
+        if key in DTYPE_KEYS and value not in DTYPE_KEYS[key]:
+            raise ConfigError(f"method.quantization.{key}={value!r}: allowed values are {', '.join(DTYPE_KEYS[key])}")
+    kwargs = {k: getattr(torch, v) if k in DTYPE_KEYS else v for k, v in quantization.items()}
+    if kwargs.get("bnb_4bit_quant_type", "fp4") not in QUANT_TYPES:
+        raise ConfigError(f"method.quantization.bnb_4bit_quant_type={kwargs['bnb_4bit_quant_type']!r}: "
+                          f"allowed values are {', '.join(QUANT_TYPES)}")
+    try:
+        return BitsAndBytesConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"method.quantization: {e}")
+
+
+def _check_choices(config, given: dict, prefix: str) -> None:
+    """Values of a PEFT config's Literal-typed fields (e.g. LoRA's `bias`) that it would take."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(type(config))
+    except Exception:  # an annotation typing cannot evaluate: PEFT checks what it checks
+        return
+    for key, value in given.items():
+        hint = hints.get(key)
+        if typing.get_origin(hint) is typing.Literal and value not in typing.get_args(hint):
+            raise ConfigError(f"{prefix}.{key}={value!r}: allowed values are "
+                              f"{', '.join(map(str, typing.get_args(hint)))}")
+
+
 def peft_config(method_cfg: dict, max_steps: int):
     """The PEFT config object of a method, or None for full fine-tuning."""
     from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftType
@@ -53,10 +100,46 @@ def peft_config(method_cfg: dict, max_steps: int):
         raise ConfigError(f"method.peft.peft_type={peft_type!r} is not a PEFT type (allowed: {allowed})")
     if peft_type == "ADALORA":
         kwargs = adalora_schedule(kwargs, max_steps)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    for key in kwargs:
+        if key not in fields:
+            raise ConfigError(f"method.peft.{key}: not a setting of PEFT's {config_cls.__name__} "
+                              f"(allowed: {', '.join(sorted(fields))})")
     try:
-        return config_cls(task_type="CAUSAL_LM", **kwargs)
+        config = config_cls(task_type="CAUSAL_LM", **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"method {method_cfg['name']!r}: bad PEFT setting: {e}")
+    _check_choices(config, kwargs, "method.peft")
+    return config
+
+
+OPTIMIZER_KEYS = ("name", "betas", "eps")
+
+
+def check_settings(method_cfg: dict, train_cfg: dict) -> None:
+    """Build what a job hands to the libraries for this method (BitsAndBytesConfig, the PEFT
+    config, the optimizer on a stand-in parameter), so that a bad value is one ConfigError
+    naming its key before any job starts, not a traceback from inside one."""
+    import torch
+
+    if method_cfg.get("quantization"):
+        quantization_config(method_cfg["quantization"])
+    if method_cfg.get("peft"):
+        peft_config(method_cfg, train_cfg["max_steps"])
+    optimizer = method_cfg["optimizer"]
+    for key in optimizer:
+        if key not in OPTIMIZER_KEYS:
+            raise ConfigError(f"method.optimizer.{key}: not an optimizer setting (allowed: {', '.join(OPTIMIZER_KEYS)})")
+    lr = train_cfg["lr"] * train_cfg["lr_scale"]
+    try:
+        make_optimizer(torch.nn.Linear(1, 1), optimizer, lr, train_cfg["weight_decay"], train_cfg["adamw_impl"])
+    except (TypeError, ValueError, RuntimeError) as e:  # torch's and bitsandbytes' checks: name the key
+        named = {"beta": ("method.optimizer.betas", optimizer.get("betas")),
+                 "epsilon": ("method.optimizer.eps", optimizer.get("eps")),
+                 "learning rate": ("train.lr * train.lr_scale", lr),
+                 "weight_decay": ("train.weight_decay", train_cfg["weight_decay"])}
+        key, value = next((kv for word, kv in named.items() if word in str(e).lower()), ("method.optimizer", optimizer))
+        raise ConfigError(f"{key}={value!r}: {e}")
 
 
 def apply_method(model, method_cfg: dict, *, max_steps: int, gradient_checkpointing: bool,

@@ -215,6 +215,31 @@ def is_built(model_cfg: dict) -> bool:
         json.loads((ARCHITECTURES_DIR / f"{model_cfg['architecture']}.json").read_text()), 0) / "config.json").is_file()
 
 
+def tiny_llama_config(tiny_cfg: dict, **tokens):
+    """The LlamaConfig of a tiny model's `tiny` block (`tokens`: its tokenizer's vocab size and
+    special token ids; without them, the block's vocab_size). A key LlamaConfig does not know,
+    which it would take silently, or a value it refuses, is one ConfigError."""
+    import inspect
+
+    from transformers import LlamaConfig
+
+    arch = {k: v for k, v in tiny_cfg.items() if k not in ("vocab_size", "seed", "pretrain")}
+    allowed = set(inspect.signature(LlamaConfig).parameters) - {"kwargs"}
+    for key in arch:
+        if key not in allowed:
+            raise ConfigError(f"model.tiny.{key}: not a LlamaConfig setting (allowed: vocab_size, seed, pretrain, "
+                              f"{', '.join(sorted(allowed - {'vocab_size'}))})")
+    from transformers.activations import ACT2FN
+
+    if arch.get("hidden_act", "silu") not in ACT2FN:
+        raise ConfigError(f"model.tiny.hidden_act={arch['hidden_act']!r}: allowed values are {', '.join(sorted(ACT2FN))}")
+    try:
+        return LlamaConfig(**{"vocab_size": tiny_cfg["vocab_size"], **tokens}, **arch)
+    except Exception as e:  # TypeError, ValueError, huggingface_hub's strict dataclass errors
+        text = " ".join(line.strip() for line in str(e).splitlines())
+        raise ConfigError(f"model.tiny: LlamaConfig refuses it: {text}")
+
+
 def build_tiny_model(tiny_cfg: dict, pretrained: bool = False) -> Path:
     """Build (once) and return the folder of a tiny Llama model described by `tiny_cfg`:
     random weights, or with `pretrained` those weights after `tiny_cfg["pretrain"]`'s
@@ -227,7 +252,7 @@ def build_tiny_model(tiny_cfg: dict, pretrained: bool = False) -> Path:
     if (target / "config.json").is_file():
         return target
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     if pretrained:
         base = build_tiny_model(tiny_cfg, pretrained=False)
@@ -250,14 +275,8 @@ def build_tiny_model(tiny_cfg: dict, pretrained: bool = False) -> Path:
 
     def save(folder: Path) -> None:
         tokenizer = train_tokenizer(tiny_cfg["vocab_size"], seed=tiny_cfg["seed"])
-        arch = {k: v for k, v in tiny_cfg.items() if k not in ("vocab_size", "seed", "pretrain")}
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **arch,
-        )
+        config = tiny_llama_config(tiny_cfg, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         with torch.random.fork_rng(devices=[]):  # the job's own random stream must not depend on the cache
             torch.manual_seed(tiny_cfg["seed"])
             model = LlamaForCausalLM(config)
@@ -413,16 +432,14 @@ def load_model(source: str, revision: str | None, *, dtype, quantization: dict |
     Safe loading: weights from safetensors only (nothing is unpickled), and no code from the
     model's repository runs unless the model config sets trust_remote_code: true.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    from harness.methods import quantization_config
 
     kwargs = {"revision": revision, "dtype": dtype, "attn_implementation": "sdpa", "use_safetensors": True,
               "trust_remote_code": trust_remote_code}
     if quantization:
-        qcfg = dict(quantization)
-        if "bnb_4bit_compute_dtype" in qcfg:
-            qcfg["bnb_4bit_compute_dtype"] = getattr(torch, qcfg["bnb_4bit_compute_dtype"])
-        kwargs["quantization_config"] = BitsAndBytesConfig(**qcfg)
+        kwargs["quantization_config"] = quantization_config(quantization)
         kwargs["device_map"] = {"": str(device)}  # bitsandbytes quantizes while placing weights
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if not quantization:

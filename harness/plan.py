@@ -28,7 +28,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from harness import memory_model
-from harness.config import CONF_DIR, check_composes, check_group_choices, group_options, validate
+from harness.config import CONF_DIR, compose_jobs, check_group_choices, group_options, validate
 from harness.errors import ConfigError
 
 DEFAULT_GPUS_GB = (24, 40, 80, 141)
@@ -110,16 +110,11 @@ def parse_gpu_mem(text: str) -> tuple[float, ...]:
 
 
 def compose_config(overrides: list[str]) -> dict:
-    from hydra import compose, initialize_config_dir
-
     check_group_choices(overrides)
     sweeps = [o for o in overrides if "," in o.split("=", 1)[-1] and not o.startswith("--")]
     if sweeps:
         raise ConfigError(f"{sweeps[0]!r}: the planner takes one value per key (it already covers every method)")
-    check_composes(overrides)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = compose_jobs(overrides)[0]
     validate(config)
     return config
 

@@ -108,8 +108,8 @@ def test_report_has_a_verdict_section_per_budget_view(tmp_path):
 
 
 def test_the_equal_budget_sweep_composes():
-    from harness.config import check_composes
+    from harness.config import compose_jobs
 
-    check_composes(["-m", "sweep=equal-budget"])
+    assert len(compose_jobs(["-m", "sweep=equal-budget"])) > 1
     text = (REPO / "sweeps" / "equal-budget.yaml").read_text()
     assert "budget: params,memory" in text and "python -m harness -m sweep=equal-budget" in text
