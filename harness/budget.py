@@ -50,7 +50,7 @@ def resize(method: dict, value: int) -> dict:
 
 
 def _trainable(shapes: dict, method: dict) -> int:
-    return memory_model.adapter_params(shapes, method["peft"])[0]
+    return memory_model.adapter_params(shapes, method["peft"], method["base_dtype"])[0]
 
 
 def match(method: dict, arch: dict, budget: str, *, batch_size: int, seq_len: int, limit: int | None = None,

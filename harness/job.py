@@ -8,7 +8,8 @@ measures the general-text loss again), and writes `OUT_DIR/result.json` whatever
 `ok`, `oom`, `diverged` or `error`.
 
 Exit codes: 0 for ok/oom/diverged, 1 for error, 2 for a bad configuration (one line on
-stderr, no result written).
+stderr, no result written), 3 for a result the disk refused (full, read-only: one line on
+stderr naming the file; the sweep stops).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, unwritable
 from harness.results import (OUTCOMES_NAME, RESULT_NAME, environment, new_result, now, write_json_atomic,
                              write_jsonl_atomic)
 
@@ -65,17 +66,48 @@ def seed_everything(seed: int, deterministic: bool) -> dict:
     }
 
 
+def has_native_bf16(device) -> bool:
+    """Whether the device computes in bfloat16 natively: a GPU that supports it, a CPU with
+    AVX512-BF16 or AMX. Elsewhere bf16 is emulated (on a CPU, about ten times slower than
+    float32)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    checks = [check for check in checks if check is not None]
+    return not checks or any(check() for check in checks)  # a torch without the checks: assume it has
+
+
+def without_emulated_bf16(method: dict, tcfg: dict, device) -> tuple[dict, dict]:
+    """The method and training settings as they run on `device`: where bf16 is not native, the
+    bf16 they ask for (the base weights' dtype, 4-bit compute dtype, autocast) runs in float32
+    instead, as a user of such a device would run it; said in one line. The result records
+    it (env.bf16_native, metrics.autocast_dtype) and the memory model predicts what runs."""
+    if has_native_bf16(device):
+        return method, tcfg
+    asks = (method["base_dtype"] == "bfloat16" or tcfg["precision"] == "bf16"
+            or (method.get("quantization") or {}).get("bnb_4bit_compute_dtype") == "bfloat16")
+    if not asks:
+        return method, tcfg
+    log.warning("%s has no native bf16: the bf16 of this method and of train.precision runs in float32",
+                "this GPU" if device.type == "cuda" else "this CPU (no AVX512-BF16 or AMX)")
+    method = {**method, "base_dtype": "float32" if method["base_dtype"] == "bfloat16" else method["base_dtype"]}
+    if method.get("quantization"):
+        method["quantization"] = {k: "float32" if k == "bnb_4bit_compute_dtype" and v == "bfloat16" else v
+                                  for k, v in method["quantization"].items()}
+    return method, {**tcfg, "precision": "fp32"}
+
+
 def autocast_for(device, precision: str):
-    """A context factory: bf16 autocast where the device supports it, else none."""
+    """A context factory: bf16 autocast for precision bf16 (see without_emulated_bf16), else none."""
     import contextlib
     import functools
 
     import torch
 
-    if precision == "bf16" and (device.type == "cpu" or torch.cuda.is_bf16_supported()):
-        return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16), "bfloat16"
     if precision == "bf16":
-        log.warning("this GPU has no bf16: training without autocast")
+        return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16), "bfloat16"
     return contextlib.nullcontext, None
 
 
@@ -180,7 +212,8 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     from harness.tasks import general_texts, load_task
     from harness.train import lr_scheduler, train
 
-    model_cfg, method, task_cfg, tcfg = config["model"], config["method"], config["task"], config["train"]
+    model_cfg, task_cfg = config["model"], config["task"]
+    method, tcfg = without_emulated_bf16(config["method"], config["train"], device)
 
     # Data first: a bad task setting fails before any model is loaded.
     splits = load_task(task_cfg)
@@ -337,6 +370,7 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
     determinism = seed_everything(config["seed"], config["deterministic"])
     result = new_result(config)
     result["env"] = environment(device, command, list(overrides), determinism)
+    result["env"]["bf16_native"] = has_native_bf16(device)
     if device.type == "cpu":
         from harness.measure import release_freed_cpu_memory
 
@@ -379,7 +413,11 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
     return result
 
 
+UNWRITABLE_EXIT = 3  # the job's result could not be written (see the module's docstring)
+
+
 def setup_logging(out_dir: Path) -> None:
+    logging.raiseExceptions = False  # a full disk: no traceback per log line (the result's write says it)
     handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(out_dir / "job.log")]
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=handlers, force=True)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "bitsandbytes"):
@@ -417,6 +455,11 @@ def run_child(payload: dict, out_dir: str) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if (stop := unwritable(e)) is None:
+            raise
+        print(f"error: {stop}", file=sys.stderr)
+        sys.exit(UNWRITABLE_EXIT)
     sys.exit(1 if result["status"] in ("error", "cancelled") else 0)
 
 

@@ -133,8 +133,9 @@ def targeted(shapes: dict, target_modules) -> list[tuple[str, int, int, bool]]:
 # --------------------------------------------------------------------------- parameters
 
 
-def adapter_params(shapes: dict, peft: dict | None) -> tuple[int, int]:
-    """(trainable adapter parameters, frozen adapter buffers) of a PEFT config, whole model."""
+def adapter_params(shapes: dict, peft: dict | None, base_dtype: str = "bfloat16") -> tuple[int, int]:
+    """(trainable adapter parameters, frozen adapter buffers) of a PEFT config, whole model,
+    on base weights of `base_dtype`."""
     if not peft:
         return 0, 0
     kind, layers = peft["peft_type"], shapes["layers"]
@@ -143,9 +144,10 @@ def adapter_params(shapes: dict, peft: dict | None) -> tuple[int, int]:
         r = peft.get("r", 8)
         per_layer = sum(r * (i + o) + (o if peft.get("use_dora") else 0) for _, i, o, _ in mods)
         return layers * per_layer, 0
-    if kind == "ADALORA":  # P (r x in), Q (out x r), the singular values E (r), and the
-        r = peft.get("init_r", 12)  # rank count, a one-element parameter PEFT marks trainable
-        return layers * sum(r * (i + o) + r + 1 for _, i, o, _ in mods), 0
+    if kind == "ADALORA":  # P (r x in), Q (out x r), the singular values E (r), and the rank
+        r = peft.get("init_r", 12)  # count, a one-element parameter that comes out trainable when
+        count = 0 if base_dtype == "float32" else 1  # PEFT upcasts a half-precision model's adapters
+        return layers * sum(r * (i + o) + r + count for _, i, o, _ in mods), 0
     if kind == "IA3":  # one scaling vector per module: of the input for feedforward modules
         ff = set(peft.get("feedforward_modules") or [])
         return layers * sum(i if name in ff else o for name, i, o, _ in mods), 0
@@ -186,7 +188,7 @@ def weight_bytes(shapes: dict, method: dict) -> dict:
         base = linear_weights + rows * 4 + other * 4
     else:
         base = (linear_weights + other) * base_bytes
-    trainable, buffers = adapter_params(shapes, method.get("peft"))
+    trainable, buffers = adapter_params(shapes, method.get("peft"), method["base_dtype"])
     if not method.get("peft"):
         trainable = linear_weights + other
     adapter = trainable * 4 if method.get("peft") else 0

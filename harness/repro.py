@@ -9,6 +9,7 @@ Tolerances. Losses and scores must be bit-identical when the recorded job ran on
 deterministic algorithms (the harness's default there); otherwise (GPUs) losses may differ
 by 2% relative and scores by 0.02. Parameter counts and weight bytes must be identical.
 Peak memory may differ by 25% and throughput by 50%: they depend on the machine's load.
+`--metrics` restricts the comparison to some of them (the status is always compared).
 """
 
 from __future__ import annotations
@@ -145,7 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.repro", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", type=Path, help="a result.json, a job folder or a sweep folder")
     parser.add_argument("--jobs", type=int, default=None, help="rerun only K jobs, sampled (seeded)")
+    parser.add_argument("--metrics", default=None,
+                        help="compare only these metrics (comma-separated), e.g. the ones that must be identical: "
+                             "train_losses,score,trainable_params,weight_bytes")
     args = parser.parse_args(argv)
+    only = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    known = list(tolerances({"env": {}}))
+    if only and (unknown := [m for m in only if m not in known]):
+        print(f"error: --metrics {unknown[0]!r}: allowed metrics are {', '.join(known)}", file=sys.stderr)
+        return 2
     if not args.path.exists():
         print(f"error: {args.path} does not exist (give a result.json, a job folder or a sweep folder)",
               file=sys.stderr)
@@ -166,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.jobs and args.jobs < len(paths):
         paths = sorted(random.Random(0).sample(paths, args.jobs))
-    checks = check_results(paths)
+    checks = check_results(paths, only)
     print(table(checks))
     bad = [c for c in checks if not c.ok]
     print(f"\n{len(paths)} job(s) rerun: " + (f"{len(bad)} mismatch(es)" if bad else "all within tolerance"))
