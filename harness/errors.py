@@ -8,6 +8,11 @@ class ConfigError(ValueError):
     """A bad value in the configuration or on the command line; the message names it."""
 
 
+def one_line(error: BaseException, limit: int = 400) -> str:
+    """A library's (often multi-line) error message as one line of at most `limit` characters."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())[:limit]
+
+
 # errors of a write that no later write of the sweep would escape
 UNWRITABLE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 

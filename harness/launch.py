@@ -15,7 +15,7 @@ import os
 import signal
 from pathlib import Path
 
-from harness.errors import ConfigError, OutputUnwritable, unwritable
+from harness.errors import ConfigError, OutputUnwritable, one_line, unwritable
 from harness.results import RESULT_NAME, new_result, now, write_json_atomic
 
 # Imported once by the forkserver; every job process is forked from it with these loaded.
@@ -70,8 +70,7 @@ def _reported(func, *args):
     except ConfigError as e:
         return "error", str(e)
     except Exception as e:
-        text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        return "error", f"{type(e).__name__}: {text[:400]}".rstrip(": ")
+        return "error", f"{type(e).__name__}: {one_line(e)}".rstrip(": ")
 
 
 def call_in_server(func, *args):

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +236,7 @@ def tiny_llama_config(tiny_cfg: dict, **tokens):
     try:
         return LlamaConfig(**{"vocab_size": tiny_cfg["vocab_size"], **tokens}, **arch)
     except Exception as e:  # TypeError, ValueError, huggingface_hub's strict dataclass errors
-        text = " ".join(line.strip() for line in str(e).splitlines())
-        raise ConfigError(f"model.tiny: LlamaConfig refuses it: {text}")
+        raise ConfigError(f"model.tiny: LlamaConfig refuses it: {one_line(e)}")
 
 
 def build_tiny_model(tiny_cfg: dict, pretrained: bool = False) -> Path:
