@@ -176,16 +176,20 @@ class MemorySampler:
 
     def _phase_peak_mb(self) -> float:
         """The current phase's peak so far, on the headline's basis (the thread's peak counts
-        once it has sampled in this phase)."""
+        once it has sampled in this phase); 0 for a phase that never held more than the
+        baseline (a process that frees, during the job, memory it held before it: a job run
+        inside a process that ran others)."""
         if self.device.type == "cuda":
             import torch
 
-            return (torch.cuda.max_memory_reserved(self.device) - self.base_reserved) / MIB
+            return max(0.0, (torch.cuda.max_memory_reserved(self.device) - self.base_reserved) / MIB)
         fresh = self._seen_index == self._phase_index
         if self.uses_malloc:
             sampled = self.peak_in_use if fresh else 0
-            return (max(sampled, self.peak_probed, malloc_in_use_bytes()) - self.base_in_use + self.mapped_bytes) / MIB
-        return (max(self.peak_sampled if fresh else 0, self._read()) - self.base_sampled) / MIB
+            peak = max(sampled, self.peak_probed, malloc_in_use_bytes()) - self.base_in_use + self.mapped_bytes
+        else:
+            peak = max(self.peak_sampled if fresh else 0, self._read()) - self.base_sampled
+        return max(0.0, peak / MIB)
 
     def note_model(self, model) -> None:
         """Count, from now on, the model's tensors that live in mapped checkpoint files (CPU):

@@ -90,11 +90,18 @@ def test_exact_match_metric_loads_by_path_offline():
         "exact_match": pytest.approx(2 / 3), "per_example": [1.0, 1.0, 0.0]}
 
 
-def test_memory_sampler_sees_an_allocation():
-    """In a fresh process (as every job runs), so that memory freed by earlier tests cannot hide it."""
+def sampler_peaks(code: str) -> dict:
+    """Run `code` (which prints the sampler's peaks as its last line) in a fresh process, as
+    every job runs, so that memory freed by earlier tests cannot hide or fake a reading."""
     import subprocess
     import sys
 
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_memory_sampler_sees_an_allocation():
+    """In a fresh process (as every job runs), so that memory freed by earlier tests cannot hide it."""
     code = """
 import json, torch
 from harness.measure import MemorySampler
@@ -104,8 +111,7 @@ peaks = sampler.stop()
 assert sampler.stop() is peaks
 print(json.dumps(peaks))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    peaks = json.loads(out.strip().splitlines()[-1])
+    peaks = sampler_peaks(code)
     assert peaks["memory_source"] == "cpu_malloc_in_use"
     assert 256 <= peaks["peak_memory_mb"] < 270  # the tensor, plus little else
     assert peaks["malloc_in_use_peak_mb"] == peaks["peak_memory_mb"]
@@ -116,9 +122,6 @@ def test_cpu_peak_memory_is_the_most_in_use_at_once():
     """Blocks allocated and freed in turn, of sizes glibc keeps in its heap after a free: the
     headline is the most that was in use at once (two 64 MiB tensors at the end), whatever the
     allocator kept."""
-    import subprocess
-    import sys
-
     code = """
 import json, torch
 from harness.measure import MemorySampler
@@ -129,17 +132,13 @@ keep = [torch.ones(2**24), torch.ones(2**24)]  # 2 x 64 MiB held at the end
 peaks = sampler.stop()
 print(json.dumps(peaks))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    peaks = json.loads(out.strip().splitlines()[-1])
+    peaks = sampler_peaks(code)
     assert 128 <= peaks["peak_memory_mb"] < 140
 
 
 def test_the_peak_is_the_training_phases_and_each_phase_keeps_its_own():
     """A load that peaks high (a 256 MiB cast, then freed) and training that holds 64 MiB plus
     128 MiB of steps: the headline is training's, with the load's kept beside it."""
-    import subprocess
-    import sys
-
     code = """
 import json, torch
 from harness.measure import MemorySampler
@@ -151,13 +150,33 @@ sampler.phase("train")
 step = torch.ones(2**25); sampler.probe(); del step  # 128 MiB during a step
 print(json.dumps(sampler.stop()))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    peaks = json.loads(out.strip().splitlines()[-1])
+    peaks = sampler_peaks(code)
     phases = peaks["phase_peak_memory_mb"]
     assert peaks["memory_phase"] == "train" and set(phases) == {"load", "prepare", "train"}
     assert 320 <= phases["load"] < 335       # weights + the cast at once
     assert 64 <= phases["prepare"] < 70      # what was held after the load
     assert 192 <= peaks["peak_memory_mb"] == phases["train"] < 200
+
+
+def test_a_phase_below_the_baseline_reads_zero_not_a_negative_peak():
+    """Memory held before the job (the baseline) and freed during it: no phase of the job is
+    above the baseline, and its peak reads 0 (a negative peak once broke the result schema
+    for a job run in a process that had run others)."""
+    code = """
+import json, torch
+from harness.measure import MemorySampler
+held = torch.ones(2**25)                           # 128 MiB held before the job starts
+sampler = MemorySampler("cpu", interval_s=0.005).start()
+del held
+sampler.phase("prepare")
+sampler.phase("train")
+step = torch.ones(2**20); sampler.probe(); del step  # 4 MiB during a step
+print(json.dumps(sampler.stop()))
+"""
+    peaks = sampler_peaks(code)
+    assert peaks["peak_memory_mb"] == 0.0 and peaks["phase_peak_memory_mb"]["train"] == 0.0
+    assert peaks["phase_peak_memory_mb"]["load"] >= 0.0
+
 
 def test_weights_mapped_from_a_checkpoint_file_count_as_memory(tmp_path):
     """A same-dtype safetensors load maps the file instead of copying it: malloc never sees
