@@ -8,12 +8,13 @@ before training; seeds 0..N-1) through the default launcher, then through
 hydra/launcher=local-gpus (one slot: no GPU here). Every 50 finished jobs it reads the memory
 (RSS) and open file descriptors of the launching process, and of its long-lived helpers (the
 job server; Hydra's joblib worker). A leak is a growth of more than 4 MiB per 100 jobs (a
-least-squares slope over the readings after the first) or of any descriptor (the last reading
-against the first). After the sweep: N whole results, each job's exactly once; no process of
+least-squares slope over the readings after the first) or of any descriptor (the fewest open
+in the last third of the readings against the fewest in the first third). After the sweep: N whole results, each job's exactly once; no process of
 the sweep left running; the report's results.csv has N rows.
 
-Kills: a sweep of K tiny jobs, its whole process group SIGKILLed at random moments (a seeded
-random delay each time), then the same command again (it resumes), until it ends by itself.
+Kills: a sweep of K tiny jobs, its whole process group SIGKILLed at random moments (drawn in
+the sweep's progress: a random count of finished jobs, then a random fraction of a job's time),
+then the same command again (it resumes), until it ends by itself.
 At the end every job has exactly one whole result, and no job that had finished ran again
 (each finished job keeps the process id and start time it first finished with).
 
@@ -135,6 +136,16 @@ def slope_per_100(jobs: list[int], values: list[float]) -> float:
     return float(np.polyfit(jobs, values, 1)[0]) * 100
 
 
+def fd_growth(counts: list[int]) -> int:
+    """Descriptors gained over the sweep: the fewest open in the last third of the readings
+    against the fewest in the first third. A reading taken while a job starts sees its pipes
+    for a moment; a leak raises the floor that every reading stands on."""
+    if len(counts) < 2:
+        return 0
+    third = max(1, len(counts) // 3)
+    return min(counts[-third:]) - min(counts[:third])
+
+
 def load(n_jobs: int, launcher: str, work: Path, every: int = EVERY) -> dict:
     """One sweep of `n_jobs` tiny jobs through `launcher`, read every `every` jobs."""
     sweep_dir = work / f"load-{launcher}"
@@ -172,8 +183,8 @@ def load(n_jobs: int, launcher: str, work: Path, every: int = EVERY) -> dict:
         "readings": readings,
         "main_rss_mib_per_100_jobs": round(slope_per_100(jobs, [r["main_rss_mib"] for r in later]), 2),
         "helpers_rss_mib_per_100_jobs": round(slope_per_100(jobs, [r["helpers_rss_mib"] for r in later]), 2),
-        "main_fd_growth": (later[-1]["main_fds"] - later[0]["main_fds"]) if later else 0,
-        "helpers_fd_growth": (later[-1]["helpers_fds"] - later[0]["helpers_fds"]) if later else 0,
+        "main_fd_growth": fd_growth([r["main_fds"] for r in readings]),
+        "helpers_fd_growth": fd_growth([r["helpers_fds"] for r in readings]),
     }
     out["holds"] = bool(
         out["exit_code"] == 0 and out["whole_results"] == n_jobs == out["result_files"] == out["report_rows"]
@@ -183,14 +194,22 @@ def load(n_jobs: int, launcher: str, work: Path, every: int = EVERY) -> dict:
     return out
 
 
-def kills(n_jobs: int, n_kills: int, work: Path, seed: int = 0, delays_s: tuple = (5.0, 60.0)) -> dict:
-    """The sweep of `n_jobs` tiny jobs, SIGKILLed `n_kills` times at random moments and rerun."""
+def kills(n_jobs: int, n_kills: int, work: Path, seed: int = 0) -> dict:
+    """The sweep of `n_jobs` tiny jobs, SIGKILLed `n_kills` times at random moments and rerun.
+
+    The moments are drawn in the sweep's own progress, so that they spread over the whole
+    sweep on a fast CPU as on a slow one: n_kills job counts drawn at random (sorted; at most
+    n_jobs - 2, so that jobs are left to kill), and for each a fraction of a job's time. Run i
+    is killed that fraction of a job's time (the median seconds between two results so far;
+    2 s before any) after its count of result files is reached: during the command's checks
+    before its first job when the count is already there, else in whichever phase of a job
+    (loading, training, writing its result) that moment falls."""
     rng = random.Random(seed)
+    targets = sorted(rng.randrange(0, max(1, n_jobs - 1)) for _ in range(n_kills))
     sweep_dir = work / "kills"
     args = sweep_args(n_jobs, sweep_dir)
     first_finish: dict[str, tuple] = {}  # job folder -> (pid, start time) of its first whole result
-    rerun_after_finish, runs, killed_at = [], 0, []
-    left = []
+    rerun_after_finish, runs, killed_at, gaps, left = [], 0, [], [], []
     started = time.monotonic()
     with open(work / "kills.log", "w") as log:
         while True:
@@ -198,22 +217,30 @@ def kills(n_jobs: int, n_kills: int, work: Path, seed: int = 0, delays_s: tuple 
             proc = start(args, tag, log)
             runs += 1
             if len(killed_at) < n_kills:
-                delay = rng.uniform(*delays_s)
-                try:
-                    proc.wait(timeout=delay)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    killed_at.append({"after_s": round(delay, 1), "whole_results": len(whole(sweep_dir))})
-            else:
-                proc.wait()
+                target, fraction = targets[len(killed_at)], rng.random()
+                done, seen_at, kill_at = len(results(sweep_dir)), time.monotonic(), None
+                while proc.poll() is None:
+                    now_done = len(results(sweep_dir))  # result files appear whole (written by rename)
+                    if now_done > done:
+                        gaps.append((time.monotonic() - seen_at) / (now_done - done))
+                        done, seen_at = now_done, time.monotonic()
+                    if kill_at is None and done >= target:
+                        kill_at = time.monotonic() + fraction * (float(np.median(gaps)) if gaps else 2.0)
+                    if kill_at is not None and time.monotonic() >= kill_at:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
+                        killed_at.append({"after_s": round(time.monotonic() - started, 1), "target": target,
+                                          "fraction": round(fraction, 2), "whole_results": len(whole(sweep_dir))})
+                        break
+                    time.sleep(0.05)
+            proc.wait()
             left += left_after(tag)  # a killed job's process dies with its server (PR_SET_PDEATHSIG)
             for job, result in whole(sweep_dir).items():
                 key = (result["env"]["pid"], result["env"]["start_time"])
                 if job in first_finish and first_finish[job] != key:
                     rerun_after_finish.append(job)
                 first_finish.setdefault(job, key)
-            if proc.returncode == 0 and len(killed_at) >= n_kills:
+            if proc.returncode == 0 and (len(killed_at) >= n_kills or len(whole(sweep_dir)) == n_jobs):
                 break
             if runs > n_kills + 5:
                 break
@@ -254,8 +281,9 @@ def markdown(report: dict) -> str:
                      f"| {r['main_fd_growth']} | {r['helpers_fd_growth']} | {len(r['processes_left'])} "
                      f"| {'yes' if r['holds'] else 'NO'} |")
     lines += ["", f"A leak fails above {LEAK_MIB_PER_100_JOBS:g} MiB per 100 jobs (least-squares slope over the "
-              f"readings every {EVERY} jobs, after the first) or at any descriptor more at the end than at the "
-              "first reading.", "", "Readings (jobs: launcher RSS MiB / fds; helpers RSS MiB / fds):", ""]
+              f"readings every {EVERY} jobs, after the first) or at any descriptor more in the floor of the last "
+              "third of the readings than in that of the first third (a reading during a job's start sees its "
+              "pipes for a moment).", "", "Readings (jobs: launcher RSS MiB / fds; helpers RSS MiB / fds):", ""]
     for r in report["load"]:
         cells = ", ".join(f"{x['jobs']}: {x['main_rss_mib']:.0f}/{x['main_fds']}; {x['helpers_rss_mib']:.0f}/"
                           f"{x['helpers_fds']}" for x in r["readings"])
@@ -268,7 +296,7 @@ def markdown(report: dict) -> str:
                   f"results of {k['jobs']} ({k['result_files']} result files), {len(k['torn_results'])} torn, "
                   f"{len(k['rerun_after_finish'])} finished jobs run again, {len(k['processes_left'])} processes "
                   f"left; holds: {'yes' if k['holds'] else 'NO'}.", "",
-                  "Kill moments (seconds after start: whole results by then): "
+                  "Kill moments (seconds after the first start: whole results by then): "
                   + ", ".join(f"{x['after_s']}: {x['whole_results']}" for x in k["killed_at"])]
     return "\n".join(lines) + "\n"
 

@@ -1,4 +1,5 @@
-"""Hydra callbacks: render the sweep's report when a multirun ends."""
+"""Hydra callbacks: render the sweep's report when a multirun ends; keep a long sweep's
+launching process flat."""
 
 from __future__ import annotations
 
@@ -59,3 +60,16 @@ class ReportOnMultirunEnd(Callback):
         except Exception as e:  # the results are safe on disk; the report can be rebuilt later
             log.error("could not render the report (%s); rebuild it with: python -m harness.report %s",
                       e, config.hydra.sweep.dir)
+
+
+class ReleaseJobConfigs(Callback):
+    """Hydra's launchers keep every job's JobReturn until the sweep ends, each holding two
+    deep copies of the job's config and Hydra's own (about 140 KiB of OmegaConf nodes a job:
+    the launching process grew 14 MiB per 100 jobs). Nothing reads them after the job (the
+    results are on disk), so they are dropped once the job has ended. Registered first in
+    conf/config.yaml: Hydra calls on_job_end in reverse order, so every other callback sees
+    the whole JobReturn before this one empties it."""
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        job_return.cfg = None
+        job_return.hydra_cfg = None

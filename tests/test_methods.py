@@ -3,20 +3,29 @@
 import statistics
 
 import pytest
+import yaml
 
-from conftest import FAST, run_in_process
+from conftest import FAST, REPO, run_in_process
 from harness import results
 
-METHODS = ["qlora", "lora8", "lora", "adalora", "prompt", "prefix", "full",
-           # newer contenders that run on a CPU (loftq needs CUDA: see test_loftq_on_a_gpu)
-           "dora", "qdora", "rslora", "pissa", "ia3", "vera", "qlora-fp4", "full-adam8bit", "full-paged"]
+# every method config that runs on a CPU (loftq needs CUDA: see test_loftq_on_a_gpu)
+METHODS = sorted(p.stem for p in (REPO / "conf/method").glob("*.yaml")
+                 if not yaml.safe_load(p.read_text()).get("requires_cuda"))
+# The methods that do not improve on the zero-shot score of the default task at the default
+# steps, and why. Prompt and prefix tuning learn the least of all methods at small scale
+# (Lester et al. 2021: prompt tuning matches fine-tuning only at ~10B parameters): on the
+# 0.9M-parameter tiny-1m in 80 steps their loss falls (prompt 2.6 -> 1.3, prefix 1.9 -> 1.0
+# nats) but not to where greedy answers come out right; prompt tuning's random virtual tokens
+# also take the zero-shot score to 0.00 (measured 2026-12-07, Intel CPU with AMX: prompt 0.00
+# -> 0.00, prefix 0.20 -> 0.20; every other method 0.20 -> 0.42-0.90).
+NOT_LEARNING_AT_DEFAULTS = {"prompt", "prefix"}
 
 
 @pytest.fixture(scope="module")
 def method_results(tmp_path_factory):
+    """Each method's default job (the default model, task and steps), zero-shot score included."""
     out = tmp_path_factory.mktemp("methods")
-    # No zero-shot scoring here (test_pieces and the CLI tests cover it): one generation pass less per method.
-    return {m: run_in_process(out / m, [f"method={m}", *FAST, "eval.before=false"]) for m in METHODS}
+    return {m: run_in_process(out / m, [f"method={m}"]) for m in METHODS}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -27,19 +36,30 @@ def test_method_trains_and_writes_a_valid_result(method, method_results):
     assert result["method"] == method
     m = result["metrics"]
     losses = m["train_losses"]
-    assert len(losses) == 20
+    assert len(losses) == result["config"]["train"]["max_steps"] == 80
     # The loss falls: the median of the last 5 steps is at least 0.15 nats below that of the
-    # first 5 (a median, so that one spike does not decide; the slowest learners, prompt tuning
-    # and VeRA, drop 0.2-0.3 on the tiny model pretrained on an AVX2 CPU, more on others).
+    # first 5 (a median, so that one spike does not decide).
     assert statistics.median(losses[-5:]) < statistics.median(losses[:5]) - 0.15
     assert m["train_loss_last"] == losses[-1] and m["train_loss_first"] == losses[0]
-    assert m["score_before"] is None and 0 <= m["score"] <= 1 and 0 <= m["validation_score"] <= 1
+    assert 0 <= m["score_before"] <= 1 and 0 <= m["score"] <= 1 and 0 <= m["validation_score"] <= 1
     assert m["lr"] == result["config"]["train"]["lr"] * result["config"]["train"]["lr_scale"]
     assert m["tokens_per_s"] > 0 and m["step_time_ms"] > 0
     assert m["peak_memory_mb"] >= 0 and m["memory_source"] == "cpu_malloc_in_use"
     assert 0 < m["trainable_params"] <= m["total_params"]
     assert m["adapter_bytes"] > 0 and m["optimizer_state_bytes"] > 0
     assert result["env"]["packages"]["torch"] and result["env"]["end_time"]
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - NOT_LEARNING_AT_DEFAULTS))
+def test_method_improves_on_its_zero_shot_score_at_the_default_steps(method, method_results):
+    """Every method that learns the default task at the default steps (QLoRA, the baseline of
+    every verdict, included) answers more held-out problems after training than before."""
+    m = method_results[method]["metrics"]
+    assert m["score"] > m["score_before"], (m["score_before"], m["score"])
+
+
+def test_the_methods_said_not_to_learn_at_the_defaults_are_methods():
+    assert NOT_LEARNING_AT_DEFAULTS <= set(METHODS)
 
 
 @pytest.mark.parametrize("method", METHODS)
