@@ -29,10 +29,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config import (CONF_DIR, check_group_choices, check_library_settings, compose_jobs, gpu_count,
                             resolved, validate, visible_gpu_count)
+from harness import progress
 from harness.errors import ConfigError, OutputUnwritable, unwritable
 from harness.callbacks import FAILED_IN_SWEEP, SWEEP
 from harness.launch import build_model, call_in_server, gpu_slot, launch_job
-from harness.models import is_built
+from harness.models import is_built, what_is_built
 from harness.results import RESULT_NAME, config_hash, reusable
 
 log = logging.getLogger("harness")
@@ -85,17 +86,30 @@ def refuse(message: str, out_dir: Path | None = None) -> None:
 
 def remove_new_job_folder(out_dir: Path) -> None:
     """Remove the folder Hydra made for a job that never ran, and the folders above it that
-    are left empty (or hold only Hydra's multirun.yaml), up to the working directory. A folder
-    holding a result of an earlier run is kept."""
+    are left empty (or hold only Hydra's multirun.yaml and the sweep's progress file), up to
+    the working directory. A folder holding a result of an earlier run is kept."""
     if (out_dir / RESULT_NAME).exists():
         return
     shutil.rmtree(out_dir, ignore_errors=True)
     cwd, folder = Path.cwd().resolve(), out_dir.parent
     while folder != cwd and cwd in folder.parents:
-        if {p.name for p in folder.iterdir()} - {"multirun.yaml"}:
+        if {p.name for p in folder.iterdir()} - {"multirun.yaml", progress.PROGRESS_NAME}:
             break
         shutil.rmtree(folder)
         folder = folder.parent
+
+
+def say_progress(sweep_dir: Path | None, status: str, skipped: bool = False) -> None:
+    """The sweep's progress line after a job (harness/progress.py); nothing for a single job."""
+    if sweep_dir is None:
+        return
+    try:
+        line = progress.job_done(sweep_dir, status, skipped)
+    except (OSError, ValueError) as e:  # a full disk, a torn line: the results matter, not this line
+        log.warning("no progress line (%s)", e)
+        return
+    if line:
+        log.info(line)
 
 
 def summary(result: dict, path: Path) -> str:
@@ -119,12 +133,14 @@ def run(cfg: DictConfig) -> str:
         refuse(str(e), out_dir)
 
     path = out_dir / RESULT_NAME
+    sweep_dir = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
     if prepare_folder(out_dir, config_hash(config), config["force"]):
+        say_progress(sweep_dir, "ok", skipped=True)
         return str(path)
     if not is_built(config["model"]):
         # Build (and pretrain) a tiny or random-weight model once into the cache before the
         # job starts, so that no job's measured memory or time includes building it.
-        log.info("building model %s into the cache (once)", config["model"]["name"])
+        log.info(what_is_built(config["model"]))
         try:
             build_model(config["model"])
         except ConfigError as e:
@@ -151,6 +167,7 @@ def run(cfg: DictConfig) -> str:
         remove_new_job_folder(out_dir)
         sys.exit(2)
     log.info(summary(result, path))
+    say_progress(sweep_dir, result["status"])
     if result["status"] in ("error", "cancelled") and hydra_cfg.mode != RunMode.MULTIRUN:
         sys.exit(1)  # in a sweep the other jobs run; the exit code comes from the results at its end
     return str(path)

@@ -1,9 +1,10 @@
-"""Equal-budget comparisons: size a method to QLoRA's trainable parameters or QLoRA's memory.
+"""Equal-budget comparisons: size a method to the baseline's trainable parameters or memory.
 
-With `budget=params`, a job sets its method's size knob (LoRA's rank, AdaLoRA's initial rank,
-the number of virtual tokens of prompt and prefix tuning, VeRA's rank) to the value whose
-trainable-parameter count comes closest to QLoRA's (conf/method/qlora.yaml) on the same
-model. With `budget=memory`, to the largest value whose predicted peak memory fits in QLoRA's
+The baseline is QLoRA (conf/method/qlora.yaml) unless the job's `report.baseline` names another
+method. With `budget=params`, a job sets its method's size knob (LoRA's rank, AdaLoRA's initial
+rank, the number of virtual tokens of prompt and prefix tuning, VeRA's rank) to the value whose
+trainable-parameter count comes closest to the baseline's on the same model. With
+`budget=memory`, to the largest value whose predicted peak memory fits in the baseline's
 predicted peak for the same model, batch and sequence length (harness/memory_model.py).
 Methods without a size knob (full fine-tuning, IA3), or whose knob cannot reach the budget,
 run with their own settings and are marked unmatched with the reason, so the report never
@@ -18,17 +19,17 @@ import math
 from omegaconf import OmegaConf
 
 from harness import memory_model
-from harness.config import CONF_DIR
+from harness.config import CONF_DIR, method_title
 
 BUDGETS = ("default", "params", "memory")
-REFERENCE = "qlora"
+REFERENCE = "qlora"  # the method sized to, unless the job's report.baseline names another
 # The size knob of each PEFT type: its key in the peft block (resize() scales alpha/target_r with it)
 KNOBS = {"LORA": "r", "ADALORA": "init_r", "VERA": "r", "PROMPT_TUNING": "num_virtual_tokens",
          "PREFIX_TUNING": "num_virtual_tokens"}
 
 
-def reference_method() -> dict:
-    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "method" / f"{REFERENCE}.yaml"), resolve=True)
+def reference_method(name: str = REFERENCE) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "method" / f"{name}.yaml"), resolve=True)
 
 
 def resize(method: dict, value: int) -> dict:
@@ -54,9 +55,10 @@ def _trainable(shapes: dict, method: dict) -> int:
 
 
 def match(method: dict, arch: dict, budget: str, *, batch_size: int, seq_len: int, limit: int | None = None,
-          **predict_kwargs) -> tuple[dict, dict]:
-    """The method sized for `budget`, and what was done: {budget, matched, knob, value,
-    default, target, achieved, reason}. `limit` caps virtual tokens (positions left)."""
+          reference: str = REFERENCE, **predict_kwargs) -> tuple[dict, dict]:
+    """The method sized for `budget` against the `reference` method (the report's baseline),
+    and what was done: {budget, matched, knob, value, default, target, achieved, reason}.
+    `limit` caps virtual tokens (positions left)."""
     info = {"budget": budget, "matched": budget == "default", "knob": None, "value": None, "default": None,
             "target": None, "achieved": None, "reason": None}
     if budget == "default":
@@ -69,7 +71,8 @@ def match(method: dict, arch: dict, budget: str, *, batch_size: int, seq_len: in
         return method, info
     info.update(knob=f"peft.{knob}", default=peft[knob])
     shapes = memory_model.layer_shapes(arch)
-    reference = reference_method()
+    title = method_title(reference)
+    reference = reference_method(reference)
     high = limit if (limit and knob == "num_virtual_tokens") else 1 << 16
     if budget == "params":
         target = _trainable(shapes, reference)
@@ -88,9 +91,9 @@ def match(method: dict, arch: dict, budget: str, *, batch_size: int, seq_len: in
     achieved = size(value)
     info.update(value=value, achieved=achieved)
     if budget == "memory" and achieved > target:
-        info["reason"] = f"needs {achieved:,.0f} MiB at {knob}=1, over QLoRA's {target:,.0f} MiB"
+        info["reason"] = f"needs {achieved:,.0f} MiB at {knob}=1, over {title}'s {target:,.0f} MiB"
     elif budget == "params" and abs(achieved - target) > 0.1 * target:
-        info["reason"] = (f"{knob}={value} gives {achieved:,} trainable parameters, QLoRA has {target:,}"
+        info["reason"] = (f"{knob}={value} gives {achieved:,} trainable parameters, {title} has {target:,}"
                           + (f" ({knob} is capped at {high} here)" if value >= high else ""))
     else:
         info["matched"] = True

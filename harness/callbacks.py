@@ -10,6 +10,9 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from harness import progress
+from harness.progress import sweep_size
+
 log = logging.getLogger("harness")
 
 
@@ -47,6 +50,9 @@ SWEEP: dict = {}  # this process's multirun: its folder and report folder, set w
 class ReportOnMultirunEnd(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         SWEEP.update(dir=Path(config.hydra.sweep.dir), report=report_dir(config))
+        params = config.hydra.sweeper.get("params")
+        n_jobs = sweep_size(list(config.hydra.overrides.task), dict(params) if params else None)
+        progress.start(Path(config.hydra.sweep.dir), n_jobs)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         FAILED_IN_SWEEP[:] = failed_results(Path(config.hydra.sweep.dir))
@@ -55,7 +61,8 @@ class ReportOnMultirunEnd(Callback):
         from harness.report import build_report
 
         try:
-            index = build_report([Path(config.hydra.sweep.dir)], report_dir(config))
+            index = build_report([Path(config.hydra.sweep.dir)], report_dir(config),
+                                 baseline=config.report.get("baseline", "qlora"))
             log.info("report: %s", index)
         except Exception as e:  # the results are safe on disk; the report can be rebuilt later
             log.error("could not render the report (%s); rebuild it with: python -m harness.report %s",

@@ -10,13 +10,11 @@ import tempfile
 from numbers import Real
 from pathlib import Path
 
+from harness import schema  # registers the config schema with Hydra
 from harness.errors import ConfigError
-from harness.methods import ADAMW_IMPLS
-from harness.train import SCHEDULES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "task", "sweep", "forgetting", "capability")
-PRECISIONS = ("bf16", "fp32")
 TASK_KEYS = ("name", "builder", "scoring", "metric", "max_new_tokens")  # every task config has these
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -58,6 +56,16 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+
+
+def method_title(name: str) -> str:
+    """How the report names a method: the name its config's first comment line gives it
+    (conf/method/qlora.yaml: "# QLoRA (Dettmers et al. 2023): ..." -> "QLoRA"), when that is one
+    or two words; else the method's own name."""
+    path = CONF_DIR / "method" / f"{name}.yaml"
+    first = path.read_text().splitlines()[0].lstrip("# ").strip() if path.is_file() else ""
+    title = re.split(r" \(|:", first, maxsplit=1)[0].strip()
+    return title if title and len(title.split()) <= 2 else name
 
 
 def group_options(group: str) -> list[str]:
@@ -102,6 +110,17 @@ def resolved(cfg) -> dict:
 
 
 def _composition_error(e: Exception) -> ConfigError:
+    """One line for an error of Hydra's or OmegaConf's while composing: a value of the wrong
+    type or an unknown key is named with what is allowed (harness/schema.py)."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    cause = e
+    while cause is not None and not (isinstance(cause, OmegaConfBaseException) and cause.full_key):
+        cause = cause.__cause__
+    if isinstance(cause, ValidationError):
+        return ConfigError(schema.wrong_value(cause.full_key, cause.value))
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        return ConfigError(schema.unknown_key(cause.full_key))
     lines = [line.strip() for line in str(e).splitlines() if line.strip() and "hydra.cc" not in line]
     return ConfigError("; ".join(lines[:2]) or type(e).__name__)
 
@@ -169,7 +188,10 @@ def compose_jobs(argv: list[str]) -> list[dict]:
             if _is_plain_change(override):
                 for value in list(override.sweep_iterator())[1:]:
                     cfg = base.copy()
-                    OmegaConf.update(cfg, override.key_or_group, value, merge=True)
+                    try:
+                        OmegaConf.update(cfg, override.key_or_group, value, merge=True)
+                    except Exception as e:  # OmegaConf refuses a value of the wrong type
+                        raise _composition_error(e)
                     jobs.append(job(cfg))
             else:
                 for value in list(override.sweep_string_iterator())[1:]:
@@ -225,6 +247,12 @@ def _number(cfg: dict, key: str, *, positive: bool = False) -> None:
         raise ConfigError(f"{key}={value!r}: must be a {'positive' if positive else 'non-negative'} number")
 
 
+def _bool(cfg: dict, key: str) -> None:
+    value = _get(cfg, key)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: must be true or false")
+
+
 def _choice(cfg: dict, key: str, allowed) -> None:
     value = _get(cfg, key)
     if value not in allowed:
@@ -261,34 +289,12 @@ def _tiny_architecture(cfg: dict) -> None:
 
 
 def validate(cfg: dict) -> None:
-    """Check a resolved job config (plain dict); raise ConfigError on the first bad value."""
+    """Check a resolved job config (plain dict); raise ConfigError on the first bad value: the
+    keys of the schema, then the model, method, task, forgetting and capability blocks."""
     from harness.models import INIT_CHOICES, PACKAGE_PREFIX, architectures, gguf_path, is_local_path
     from harness.tasks import check_local_folder
 
-    _positive_int(cfg, "seed", minimum=0)
-    device = _get(cfg, "device")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
-        raise ConfigError(f"device={device!r}: allowed values are auto, cpu, cuda, cuda:N")
-    for key in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every"):
-        _positive_int(cfg, f"train.{key}")
-    _positive_int(cfg, "train.warmup_steps", minimum=0)
-    _number(cfg, "train.lr", positive=True)
-    _number(cfg, "train.lr_scale", positive=True)
-    _number(cfg, "train.weight_decay")
-    _number(cfg, "train.max_grad_norm")
-    _choice(cfg, "train.schedule", SCHEDULES)
-    _choice(cfg, "train.precision", PRECISIONS)
-    _choice(cfg, "train.adamw_impl", ADAMW_IMPLS)  # the implementations make_optimizer knows
-    if not isinstance(_get(cfg, "train.compile"), bool):
-        raise ConfigError(f"train.compile={cfg['train']['compile']!r}: must be true or false")
-    _choice(cfg, "budget", ("default", "params", "memory"))
-    _positive_int(cfg, "measure.warmup_steps", minimum=0)
-    _number(cfg, "measure.sample_interval_s", positive=True)
-    if _get(cfg, "measure.cpu_mmap_threshold_kb") is not None:
-        _positive_int(cfg, "measure.cpu_mmap_threshold_kb")
-    _positive_int(cfg, "eval.batch_size")
-    if cfg.get("memory_limit_mb") is not None:
-        _number(cfg, "memory_limit_mb", positive=True)
+    schema.check(cfg)  # the top level, train, measure, eval and report (harness/schema.py)
 
     name_or_path = _get(cfg, "model.name_or_path")
     gguf = cfg["model"].get("gguf_file")
@@ -325,8 +331,8 @@ def validate(cfg: dict) -> None:
         _positive_int(cfg, "model.tiny.pretrain.seed", minimum=0)
         _held_out_below(cfg, "model.tiny.pretrain")
         _number(cfg, "model.tiny.pretrain.lr", positive=True)
-    if not isinstance(cfg["model"].get("trust_remote_code", False), bool):
-        raise ConfigError(f"model.trust_remote_code={cfg['model']['trust_remote_code']!r}: must be true or false")
+    if "trust_remote_code" in cfg["model"]:
+        _bool(cfg, "model.trust_remote_code")
 
     _choice(cfg, "method.base_dtype", DTYPES)
     peft = _get(cfg, "method.peft")

@@ -159,16 +159,18 @@ def training_flops(model, model_config, method: dict, examples: list[dict], devi
     return flops.utilization(per_token, tokens_per_s, name)
 
 
-def sized_for_budget(model_config, method: dict, budget_name: str, tcfg: dict, longest: int, device):
-    """The method with its size knob matched to QLoRA's trainable parameters or predicted
-    memory (harness/budget.py), and a record of what was done."""
+def sized_for_budget(model_config, method: dict, budget_name: str, tcfg: dict, longest: int, device,
+                     reference: str = "qlora"):
+    """The method with its size knob matched to the `reference` method's (the report's
+    baseline) trainable parameters or predicted memory (harness/budget.py), and a record of
+    what was done."""
     from harness import budget, memory_model
 
     positions = getattr(model_config, "max_position_embeddings", None)
     try:
         sized, info = budget.match(method, model_config.to_dict(), budget_name, batch_size=tcfg["batch_size"],
                                    seq_len=longest, limit=positions - tcfg["seq_len"] if positions else None,
-                                   **memory_model.training_setting(tcfg, device.type))
+                                   reference=reference, **memory_model.training_setting(tcfg, device.type))
     except memory_model.UnsupportedModel as e:
         raise ConfigError(f"budget={budget_name} sizes methods with the memory model, which cannot model this one: {e}")
     if info["matched"]:
@@ -238,7 +240,8 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     metrics["train_examples"], metrics["train_examples_dropped"] = len(examples), dropped
     longest = max(len(e["input_ids"]) for e in examples)
     if config.get("budget", "default") != "default":  # size the method to QLoRA's budget
-        method, metrics["budget"] = sized_for_budget(model_config, method, config["budget"], tcfg, longest, device)
+        method, metrics["budget"] = sized_for_budget(model_config, method, config["budget"], tcfg, longest, device,
+                                                     config.get("report", {}).get("baseline", "qlora"))
         check_method_applies(method, model_config, tcfg["seq_len"], device)
     # The prediction comes before the model loads, so an out-of-memory result carries it too.
     metrics.update(predicted_memory(model_config, method, tcfg, longest, device))
@@ -343,12 +346,14 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
 
 
 def import_libraries() -> None:
-    import bitsandbytes  # noqa: F401
-    import datasets  # noqa: F401
-    import evaluate  # noqa: F401
-    import peft  # noqa: F401
-    import transformers  # noqa: F401
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401  (lazy modules)
+    """The job server's modules (harness.launch.PRELOAD), imported here when the job runs in
+    a process not forked from it (tests, harness.repro in-process): a no-op otherwise."""
+    import importlib
+
+    from harness.launch import PRELOAD
+
+    for name in PRELOAD:
+        importlib.import_module(name)
 
 
 def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str] = (),
@@ -416,9 +421,13 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
 UNWRITABLE_EXIT = 3  # the job's result could not be written (see the module's docstring)
 
 
-def setup_logging(out_dir: Path) -> None:
+def setup_logging(out_dir: Path | None) -> None:
+    """The job's log lines on stderr and in its folder's job.log (`out_dir` None: stderr only,
+    for a model build)."""
     logging.raiseExceptions = False  # a full disk: no traceback per log line (the result's write says it)
-    handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(out_dir / "job.log")]
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if out_dir is not None:
+        handlers.append(logging.FileHandler(out_dir / "job.log"))
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=handlers, force=True)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -18,9 +18,10 @@ from pathlib import Path
 from harness.errors import ConfigError, OutputUnwritable, one_line, unwritable
 from harness.results import RESULT_NAME, new_result, now, write_json_atomic
 
-# Imported once by the forkserver; every job process is forked from it with these loaded.
-PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "bitsandbytes",
-           "datasets", "evaluate", "harness.job"]
+# Imported once by the forkserver; every job process is forked from it with these loaded
+# (harness.quiet first: it silences what the others print as they load).
+PRELOAD = ["harness.quiet", "torch", "transformers", "transformers.models.auto.modeling_auto",
+           "transformers.models.llama.modeling_llama", "peft", "bitsandbytes", "datasets", "evaluate", "harness.job"]
 
 
 @contextlib.contextmanager
@@ -90,15 +91,23 @@ def call_in_server(func, *args):
     return value
 
 
+def build_logging_progress(model_cfg: dict) -> str:
+    """resolve_model_source in the build process, its progress lines (the pretraining's, with
+    the time left) on stderr."""
+    from harness.job import setup_logging
+    from harness.models import resolve_model_source
+
+    setup_logging(None)
+    return resolve_model_source(model_cfg)
+
+
 def build_model(model_cfg: dict) -> str:
     """Build (pretrain) a tiny or random-weight model into the cache in a process of its own,
     forked from the server, so that what building allocates (on a GPU too) is freed when it
     ends and never held by the launching process during the sweep. Returns its folder; a
     build that fails raises ConfigError naming the model (its half-built folder is removed)."""
-    from harness.models import resolve_model_source
-
     try:
-        return call_in_server(resolve_model_source, model_cfg)
+        return call_in_server(build_logging_progress, model_cfg)
     except ConfigError as e:
         raise ConfigError(f"model {model_cfg.get('name')!r} cannot be built: {e}")
 

@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -215,6 +216,25 @@ def is_built(model_cfg: dict) -> bool:
         json.loads((ARCHITECTURES_DIR / f"{model_cfg['architecture']}.json").read_text()), 0) / "config.json").is_file()
 
 
+def what_is_built(model_cfg: dict) -> str:
+    """One line for the log: what building `model_cfg` into the cache does, and why."""
+    name, init = model_cfg.get("name"), model_cfg.get("init", "pretrained")
+    why = "once, into the cache, before its first job, so that no job's time or memory includes it"
+    if not model_cfg.get("name_or_path") and model_cfg.get("tiny"):
+        tiny = model_cfg["tiny"]
+        if init == "pretrained":
+            steps = tiny["pretrain"]["steps"]
+            return (f"building model {name}: a tiny Llama trained here ({tiny['num_hidden_layers']} layers, hidden "
+                    f"size {tiny['hidden_size']}; its tokenizer, then {steps} pretraining steps on a synthetic corpus, "
+                    f"no download), {why}; progress below")
+        return f"building model {name}: a tiny Llama with random weights, {why}"
+    if model_cfg.get("gguf_file") and init != "random":
+        return (f"building model {name}: converting {model_cfg['gguf_file']} into a safetensors checkpoint that "
+                f"every job loads like any other, {why}")
+    return (f"building model {name}: a {model_cfg.get('architecture')} checkpoint with random weights (no download), "
+            f"{why}")
+
+
 def tiny_llama_config(tiny_cfg: dict, **tokens):
     """The LlamaConfig of a tiny model's `tiny` block (`tokens`: its tokenizer's vocab size and
     special token ids; without them, the block's vocab_size). A key LlamaConfig does not know,
@@ -285,11 +305,36 @@ def build_tiny_model(tiny_cfg: dict, pretrained: bool = False) -> Path:
     return save_into_place(target, save)
 
 
+def build_prefix() -> str:
+    """The name a build's temporary folder starts with: this host and process, so that a later
+    build can tell an abandoned folder from one still being written."""
+    return f".build-{socket.gethostname()}-{os.getpid()}-"
+
+
+def remove_abandoned_builds(folder: Path) -> None:
+    """Remove the temporary folders of builds on this host whose process is gone (killed, or
+    interrupted with Ctrl-C before its clean-up ran); builds running now, and other hosts'
+    builds in a shared cache, are left alone."""
+    host = f".build-{socket.gethostname()}-"
+    for path in folder.glob(f"{host}*"):
+        pid = path.name[len(host):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # another user's live process
+            continue
+
+
 def save_into_place(target: Path, save) -> Path:
     """Run `save(folder)` on a temporary folder beside `target`, then rename it into place, so
-    concurrent jobs of a sweep never see a half-written model (the first one built wins)."""
+    concurrent jobs of a sweep never see a half-written model (the first one built wins).
+    Abandoned temporary folders of earlier builds are removed first."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
+    remove_abandoned_builds(target.parent)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=build_prefix()))
     try:
         save(tmp)
         try:

@@ -62,6 +62,7 @@ def pretrain(model, tokenizer, settings: dict) -> list[float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.0)
     scheduler = lr_scheduler(optimizer, "cosine", settings["steps"] // 10, settings["steps"])
     losses = train(model, optimizer, scheduler, batches, max_steps=settings["steps"], grad_accum=1,
-                   max_grad_norm=1.0, timer=StepTimer(torch.device("cpu"), 0), log_every=max(1, settings["steps"] // 4))
+                   max_grad_norm=1.0, timer=StepTimer(torch.device("cpu"), 0),
+                   log_every=max(1, settings["steps"] // 20))  # a line every 5%, with the time left
     log.info("pretrained %d steps: loss %.3f -> %.3f", settings["steps"], losses[0], losses[-1])
     return losses

@@ -46,11 +46,15 @@ def now() -> str:
 
 def config_hash(config: dict) -> str:
     """Hash of everything that changes a job's outcome: the resolved config (less report and
-    logging keys), and the versions of the harness and the packages that compute it."""
+    logging keys, but with the report's baseline when the job's method is sized to it), and
+    the versions of the harness and the packages that compute it."""
     import hashlib
 
     relevant = {k: v for k, v in config.items() if k not in UNHASHED_KEYS}
     relevant["train"] = {k: v for k, v in config["train"].items() if k not in UNHASHED_TRAIN_KEYS}
+    baseline = (config.get("report") or {}).get("baseline", "qlora")
+    if config.get("budget", "default") != "default" and baseline != "qlora":
+        relevant["budget_baseline"] = baseline  # the method is sized to the baseline: a change reruns it
     versions = {name: version for name, version in package_versions().items() if name in HASHED_PACKAGES}
     text = json.dumps({"config": relevant, "versions": versions}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

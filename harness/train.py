@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator
 
 from tqdm import tqdm
@@ -31,6 +32,16 @@ class Diverged(Exception):
         super().__init__(f"loss is {loss} at step {step}")
         self.step = step
         self.losses = losses  # the finite losses before it
+
+
+def clock(seconds: float) -> str:
+    """A duration as people read it: 42s, 3m05s, 1h02m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def lr_scheduler(optimizer, schedule: str, warmup_steps: int, max_steps: int):
@@ -115,6 +126,7 @@ def train(
         return step_loss
 
     progress = tqdm(range(max_steps), desc="train", unit="step", disable=None)
+    started = time.monotonic()  # for the log lines' time left only (the timer measures the steps)
     for step in progress:
         timer.start()
         micro_batches = [next(batches) for _ in range(grad_accum)]
@@ -145,6 +157,8 @@ def train(
         losses.append(loss_value)
         progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{step_tokens / elapsed:.0f}")
         if (step + 1) % log_every == 0 or step + 1 == max_steps:
-            log.info("step %d/%d  loss %.4f  lr %.3g  %.0f tok/s", step + 1, max_steps, loss_value,
-                     scheduler.get_last_lr()[0], step_tokens / elapsed)
+            spent = time.monotonic() - started
+            log.info("step %d/%d  loss %.4f  lr %.3g  %.0f tok/s  %s elapsed, ~%s left", step + 1, max_steps,
+                     loss_value, scheduler.get_last_lr()[0], step_tokens / elapsed, clock(spent),
+                     clock(spent / (step + 1) * (max_steps - step - 1)))
     return losses

@@ -40,6 +40,8 @@ def compose(overrides=()) -> dict:
     from hydra import compose as hydra_compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    import harness.config  # noqa: F401  (registers the config schema, as every entry point does)
+
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = hydra_compose("config", overrides=["device=cpu", *overrides])  # the CPU on every host
     return OmegaConf.to_container(cfg, resolve=True)

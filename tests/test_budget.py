@@ -52,6 +52,27 @@ def test_methods_that_cannot_be_sized_are_marked_unmatched_with_the_reason():
     assert not info["matched"] and "over QLoRA's" in info["reason"] and sized == method("lora")
 
 
+def test_the_budget_sizes_to_the_reports_baseline_when_it_is_not_qlora():
+    """report.baseline=vera: budget=params sizes the methods to VeRA's trainable parameters,
+    and the job's configuration hash says so (a change of baseline reruns sized jobs only)."""
+    from conftest import compose
+    from harness.results import config_hash
+
+    target = trainable(TINY_1M, method("vera"))  # far fewer than QLoRA's
+    sized, info = budget.match(method("adalora"), TINY_1M, "params", batch_size=16, seq_len=12, reference="vera")
+    assert info["target"] == target < trainable(TINY_1M, method("qlora")) / 4
+    # AdaLoRA cannot come down to VeRA's count (at init_r=1 it has more): unmatched, said so
+    assert not info["matched"] and f"VeRA has {target:,}" in info["reason"]
+    # at LoRA's memory on a 7B model (a bf16 base), QLoRA's 4-bit base leaves room for a far larger rank
+    sized, info = budget.match(method("qlora"), QWEN_7B, "memory", batch_size=1, seq_len=512, reference="lora")
+    assert info["matched"] and info["value"] > 4 * info["default"]
+    sized_job = compose(["budget=params", "method=adalora"])
+    plain_job = compose(["method=adalora"])
+    other = lambda cfg: {**cfg, "report": {**cfg["report"], "baseline": "lora"}}  # noqa: E731
+    assert config_hash(other(sized_job)) != config_hash(sized_job)
+    assert config_hash(other(plain_job)) == config_hash(plain_job)
+
+
 def test_memory_budget_gives_the_largest_size_that_fits_qlora_memory():
     kwargs = dict(batch_size=16, seq_len=12, device="cpu")
     target = memory_model.predict(TINY_1M, method("qlora"), **kwargs)["peak_mb"]

@@ -1,5 +1,6 @@
 """`python -m harness` as a user runs it: default job, sweeps, help, and bad input."""
 
+import json
 import re
 
 import pytest
@@ -25,6 +26,39 @@ def test_default_job_runs_and_says_where_its_result_is(tmp_path):
         "ok", "tiny-1m", "qlora", "arithmetic")
     assert "result: " + str(tmp_path / "outputs") in proc.stdout + proc.stderr  # says where
     assert result["env"]["command"] == "python -m harness"
+    # No library noise (harness/quiet.py): bitsandbytes asking the Hub for a CPU kernel, weight
+    # loading bars, PEFT's read of a deprecated transformers attribute.
+    for noise in ("kernels-community", "publisher trust", "Loading weights", "is_gradient_checkpointing"):
+        assert noise not in proc.stdout + proc.stderr, noise
+
+
+def test_a_model_build_says_what_and_why_shows_progress_and_clears_abandoned_builds(tmp_path):
+    """A tiny model built for the first time: one line says what is built and why, the
+    pretraining logs its progress with the time left, and a temporary folder left by a build
+    that died (its process gone) is removed, while a running build's is kept."""
+    import os
+    import socket
+    import subprocess
+
+    steps = ["model.tiny.pretrain.steps=40"]  # a short pretraining, into a cache of its own
+    cache = tmp_path / "cache" / "tiny-models"
+    cache.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])  # a process id that has ended
+    dead.wait()
+    host = socket.gethostname()
+    abandoned, running = cache / f".build-{host}-{dead.pid}-abc", cache / f".build-{host}-{os.getpid()}-def"
+    abandoned.mkdir()
+    running.mkdir()
+    proc = cli([*steps, "train.max_steps=2", "eval.before=false", "eval.validation=false", "task.n_test=2"],
+               cwd=tmp_path, env={"HARNESS_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = proc.stdout + proc.stderr
+    assert "building model tiny-1m: a tiny Llama trained here (4 layers, hidden size 128; its tokenizer, then 40 " \
+           "pretraining steps on a synthetic corpus, no download), once, into the cache" in said
+    progress = re.findall(r"step (\d+)/40 .* elapsed, ~\S+ left", said)
+    assert progress[:3] == ["2", "4", "6"] and progress[-1] == "40"  # every 5%
+    assert not abandoned.exists() and running.exists()
+    running.rmdir()
 
 
 def test_sweep_runs_each_job_in_its_own_process_and_ends_with_a_report(tmp_path):
@@ -55,6 +89,30 @@ def test_sweep_runs_each_job_in_its_own_process_and_ends_with_a_report(tmp_path)
     assert "no-such-org/no-such-model" in html  # the failed jobs' reason
     for name in ("lora", "prompt", "tiny-1m"):
         assert name in html
+    # After each job, where the sweep is: jobs done of 4, by outcome, time spent and left.
+    said = [line.split(" - ", 1)[1] for line in (proc.stdout + proc.stderr).splitlines() if "] - sweep: " in line]
+    assert [line.split(" |")[0] for line in said] == [
+        "sweep: 1/4 jobs done (ok 1, oom 0, failed 0)", "sweep: 2/4 jobs done (ok 1, oom 0, failed 1)",
+        "sweep: 3/4 jobs done (ok 2, oom 0, failed 1)", "sweep: 4/4 jobs done (ok 2, oom 0, failed 2)"]
+    assert all("elapsed, ~" in line and line.endswith(" left") for line in said[:3]) and said[3].endswith("done")
+
+
+def test_sweep_progress_counts_skipped_jobs_and_estimates_from_those_that_ran(tmp_path):
+    from harness import progress
+
+    assert progress.sweep_size(["seed=0,1,2", "method=lora,qlora", "train.lr=1e-3"], {"model": "tiny-1m,tiny-5m"}) == 12
+    assert progress.sweep_size(["model=tiny-1m"], {"model": "tiny-1m,tiny-5m", "seed": "0,1"}) == 2  # the command line wins
+    progress.start(tmp_path, 4)
+    head = json.loads((tmp_path / progress.PROGRESS_NAME).read_text())
+    head["started"] -= 100  # the sweep began 100 s ago
+    (tmp_path / progress.PROGRESS_NAME).write_text(json.dumps(head) + "\n")
+    assert progress.job_done(tmp_path, "ok", skipped=True).startswith(
+        "sweep: 1/4 jobs done (ok 0, oom 0, failed 0, skipped 1) | 1m40s elapsed, time left not known yet")
+    line = progress.job_done(tmp_path, "oom")  # one job ran in the 100 s: two are left, ~200 s
+    assert line.startswith("sweep: 2/4 jobs done (ok 0, oom 1, failed 0, skipped 1) | 1m40s elapsed, ~3m2")
+    assert "diverged 1" in progress.job_done(tmp_path, "diverged")
+    assert progress.job_done(tmp_path, "cancelled").endswith("failed 1, skipped 1) | 1m40s elapsed, done")
+    assert progress.job_done(tmp_path / "no-sweep", "ok") is None  # a single job: no line
 
 
 def test_help_lists_groups_and_options(tmp_path):

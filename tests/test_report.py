@@ -340,6 +340,38 @@ def test_report_of_failed_jobs_only(tmp_path):
     assert "broken: every job failed; nothing can be said about it." in page.text
 
 
+def test_a_report_against_another_baseline_names_it_everywhere(sweep, tmp_path):
+    """report.baseline=lora (or --baseline lora): "which beats LoRA?" asked of the same results.
+    Every verdict, heading, column, caption and figure title names LoRA, none names QLoRA, and
+    QLoRA is compared like any other method."""
+    from PIL import Image
+
+    index = build_report([sweep], tmp_path / "out", baseline="lora")
+    page = Page(index.read_text())
+    text = " ".join(page.text)
+    assert "QLoRA" not in text and "Verdicts against LoRA" in text and "LoRA (lora) is the baseline" in text
+    assert "Δ score vs LoRA [95% CI]" in page.tables["verdict"] and "memory vs LoRA" in page.tables["verdict"]
+    verdicts = pd.read_csv(index.parent / "verdicts.csv").set_index(["model", "method"])["verdict"]
+    assert verdicts[("small", "lora")] == "baseline" and verdicts[("small", "qlora")] != "baseline"
+    # QLoRA against LoRA: 0.50-0.52 against 0.55-0.57, 100 against 120 MiB
+    assert verdicts[("small", "qlora")] in ("worse score, less memory", "same score, less memory")
+    assert "Score difference vs LoRA" in text
+    qlora_run = build_report([sweep], tmp_path / "default")  # the same results, the default baseline
+    assert Image.open(index.parent / "forest.png").tobytes() != Image.open(qlora_run.parent / "forest.png").tobytes()
+    assert "Verdicts against QLoRA" in " ".join(Page(qlora_run.read_text()).text)
+
+
+def test_cli_baseline_option(sweep, tmp_path):
+    proc = report_cli([sweep, "--baseline", "lora", "--out", tmp_path / "out"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Verdicts against LoRA" in (tmp_path / "out" / "index.html").read_text()
+    proc = report_cli([sweep, "--baseline", "dora", "--out", tmp_path / "out2"], tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and errors == [
+        "error: --baseline 'dora': no job of that method here (methods: full, lora, qlora)"], proc.stderr
+    assert not (tmp_path / "out2").exists()
+
+
 def test_build_report_without_results(tmp_path):
     with pytest.raises(ValueError, match="no result.json under"):
         build_report([tmp_path], tmp_path / "out")

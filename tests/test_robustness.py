@@ -271,7 +271,7 @@ BAD_INPUT = [
     (H, lambda t: ["train.compile=maybe"], "train.compile='maybe': must be true or false"),
     (H, lambda t: ["train.adamw_impl=turbo"], "train.adamw_impl='turbo': allowed values are default, forloop, foreach, fused"),
     (H, lambda t: ["measure.cpu_mmap_threshold_kb=0"], "measure.cpu_mmap_threshold_kb=0: must be a positive integer"),
-    (H, lambda t: ["train.foo=1"], "Could not override 'train.foo'.; To append to your config use +train.foo=1"),
+    (H, lambda t: ["train.foo=1"], "train.foo: no such key in train (the keys in train: max_steps, batch_size"),
     (H, lambda t: ["train.lr=[1,2"], "no viable alternative at input '[1,2'"),
     (H, lambda t: ["~task.metric"], "task.metric is missing from the configuration"),
     (H, lambda t: ["device=tpu"], "device='tpu': allowed values are auto, cpu, cuda, cuda:N"),
@@ -286,11 +286,11 @@ BAD_INPUT = [
      "model.tiny.hidden_size=250: must be an even multiple of model.tiny.num_attention_heads=4"),
     (H, lambda t: ["model.tiny.num_key_value_heads=3"],
      "model.tiny.num_key_value_heads=3: must divide model.tiny.num_attention_heads=4"),
-    (H, lambda t: ["-m", "seed=0,1", "train.lr=1e-3,-1"], "train.lr=-1: must be a positive number"),
+    (H, lambda t: ["-m", "seed=0,1", "train.lr=1e-3,-1"], "train.lr=-1.0: must be a positive number"),
     (H, lambda t: ["-m", "sweep=ci", "model=tiny-1m,tiny-13m", "model.tiny.num_hidden_layers=0"],
      "model.tiny.num_hidden_layers=0: must be a positive integer"),
     (H, lambda t: ["model.trust_remote_code=maybe"], "model.trust_remote_code='maybe': must be true or false"),
-    (H, lambda t: ["memory_limit_mb=-5"], "memory_limit_mb=-5: must be a positive number"),
+    (H, lambda t: ["memory_limit_mb=-5"], "memory_limit_mb=-5.0: must be a positive number, or null"),
     (H, lambda t: ["budget=rank"], "budget='rank': allowed values are default, params, memory"),
     (H, lambda t: ["hydra.run.dir=/proc/harness-out"], "output folder /proc/harness-out cannot be created"),
     (H, lambda t: ["-m", "hydra.sweep.dir=/proc/harness-sweep", "seed=0,1"],
@@ -312,7 +312,7 @@ BAD_INPUT = [
     (PL, lambda t: ["model=qwen2.5-7b", "train.batch_size=0"], "train.batch_size=0: must be a positive integer"),
     (PL, lambda t: ["train.seq_len=abc"], "train.seq_len='abc': must be a positive integer"),
     (PL, lambda t: ["train.seq_len=-512"], "train.seq_len=-512: must be a positive integer"),
-    (PL, lambda t: ["train.foo=1"], "Could not override 'train.foo'."),
+    (PL, lambda t: ["train.foo=1"], "train.foo: no such key in train"),
     (PL, lambda t: ["train.batch_size=1,2"], "'train.batch_size=1,2': the planner takes one value per key"),
     (PL, lambda t: ["--gpu-mem=0"], "--gpu-mem='0': give GPU memory sizes in GB, positive numbers"),
     (PL, lambda t: ["--gpu-mem=lots"], "--gpu-mem='lots': give GPU memory sizes in GB, positive numbers"),
@@ -338,6 +338,74 @@ def test_bad_input_gets_one_clear_line(tmp_path, entry, make_args, message):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr
     assert sorted(p for p in tmp_path.rglob("*")) == made  # nothing written, not even a folder
+
+
+def wrong_values(f) -> tuple[str, str]:
+    """For a field of the config schema: a value of the wrong type and one out of range (for a
+    true/false key, two values that are neither), as command-line text, from its metadata."""
+    m, kind = f.metadata, f.type.replace("Optional[", "").rstrip("]")
+    if kind == "bool":
+        return "maybe", "0.5"
+    if kind == "int":
+        return "abc", str(m.get("min", 1) - 1)
+    if kind == "float":
+        return "abc", str(m["above"]) if "above" in m else str(m.get("min", 0) - 1)
+    if "choices" in m or "pattern" in m:
+        return "[a,b]", "no/such_value"
+    return "[a,b]", "''"  # a free string: the empty one
+
+
+def schema_keys():
+    """Every scalar key of the top level, train, measure, eval and report (harness/schema.py),
+    with its field."""
+    from dataclasses import fields
+
+    from harness import schema
+
+    keys = [(f.name, f) for f in fields(schema.Config) if f.name not in schema.SECTIONS]
+    keys += [(f"{section}.{f.name}", f) for section, kind in schema.SECTIONS.items() for f in fields(kind)]
+    return [(key, f) for key, f in keys if f.type.replace("Optional[", "").rstrip("]") in schema.SCALARS]
+
+
+WRONG = [(key, value) for key, f in schema_keys() for value in wrong_values(f)]
+
+
+def test_the_schema_covers_every_key_of_the_config_file():
+    """conf/config.yaml's top level (the config groups aside), train, measure, eval and report."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "conf" / "config.yaml").read_text())
+    keys = {k for k, v in config.items() if k not in ("defaults", "hydra") and not isinstance(v, dict)}
+    keys |= {f"{section}.{k}" for section in ("train", "measure", "eval", "report") for k in config[section]}
+    assert keys == {key for key, _ in schema_keys()}
+
+
+@pytest.mark.parametrize("key,value", WRONG, ids=[f"{k}={v}" for k, v in WRONG])
+def test_a_wrong_value_of_any_key_is_one_line_naming_it(tmp_path, key, value):
+    """Each key's wrong-type and out-of-range value, drawn from the config schema: exit 2, one
+    error line naming the key, no traceback, nothing written."""
+    proc = run_cli([f"{key}={value}"], cwd=tmp_path)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"{key}=" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing written, not even a folder
+
+
+@pytest.mark.parametrize("args,message", [
+    (["+train.max_step=100"], "error: train.max_step: no such key in train (did you mean train.max_steps?)"),
+    (["+unknown_key=1"], "error: unknown_key: no such key at the top level (the keys at the top level: sweep_name,"),
+    (["+eval.batchsize=8"], "error: eval.batchsize: no such key in eval (did you mean eval.batch_size?)"),
+    (["train.foo=1"], "error: train.foo: no such key in train (the keys in train: max_steps,"),
+    (["-m", "seed=0,1", "+measure.warmup=3"], "error: measure.warmup: no such key in measure (did you mean measure.warmup_steps?)"),
+])
+def test_an_unknown_key_is_refused_with_the_nearest_one(tmp_path, args, message):
+    """Hydra's `+key=value` appends any key; a key the harness does not read (a typo) is
+    refused before any job, naming the nearest key it has."""
+    proc = run_cli(args, cwd=tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and errors[0].startswith(message), proc.stderr
+    assert not list(tmp_path.iterdir())
 
 
 LIBRARY_SETTINGS = [

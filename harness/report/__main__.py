@@ -1,4 +1,5 @@
-"""`python -m harness.report SWEEP_DIR [SWEEP_DIR ...] [--out DIR]`: render a sweep report."""
+"""`python -m harness.report SWEEP_DIR [SWEEP_DIR ...] [--out DIR] [--baseline METHOD]`: render a
+sweep report, every method compared with the baseline (QLoRA unless --baseline names another)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dirs", nargs="+", type=Path, metavar="SWEEP_DIR",
                         help="sweep (or job) folders holding result.json files")
     parser.add_argument("--out", type=Path, help="report folder (default: reports/<sweep name>)")
+    parser.add_argument("--baseline", default="qlora", metavar="METHOD",
+                        help="the method every other is compared with (default: qlora)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
 
@@ -29,12 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     df = collect(args.sweep_dirs)
     if df.empty:
         return _error(f"no readable result.json under {', '.join(map(str, args.sweep_dirs))}")
+    methods = sorted(df["method"].dropna().unique())
+    if args.baseline not in methods:
+        return _error(f"--baseline {args.baseline!r}: no job of that method here (methods: {', '.join(methods)})")
     out = args.out or Path("reports") / (sweep_name(df) or args.sweep_dirs[0].resolve().name)
     try:
         check_writable(out, "--out DIR")
     except ConfigError as e:
         return _error(str(e))
-    index = render_report(df, out, default_title(df, args.sweep_dirs))
+    index = render_report(df, out, default_title(df, args.sweep_dirs), args.baseline)
     print(index)
     return 0
 

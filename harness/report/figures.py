@@ -12,7 +12,6 @@ from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 DPI = 110
 GPU_GB = (24, 40, 80, 141)  # common GPU memory sizes, drawn as GB * 1024 MiB
-BASELINE = "qlora"
 
 
 def model_order(summary: pd.DataFrame) -> list[str]:
@@ -26,8 +25,8 @@ def method_colors(methods) -> dict[str, str]:
     return {m: palette[i % 10] for i, m in enumerate(sorted(set(methods)))}
 
 
-def _marker(method: str) -> dict:
-    if method == BASELINE:
+def _marker(method: str, baseline: str) -> dict:
+    if method == baseline:
         return {"marker": "*", "markersize": 15, "markeredgecolor": "black", "zorder": 4}
     return {"marker": "o", "markersize": 7, "zorder": 3}
 
@@ -43,9 +42,9 @@ def _figure(n_panels: int, title: str) -> tuple[Figure, list]:
     return fig, axes[:n_panels]
 
 
-def _legend(fig: Figure, colors: dict[str, str], extra: list | None = None, lines=False) -> None:
-    handles = [Line2D([], [], color=c, label=m, linewidth=2.5 if m == BASELINE else 1.5)
-               if lines else Line2D([], [], color=c, linestyle="", label=m, **_marker(m))
+def _legend(fig: Figure, colors: dict[str, str], baseline: str, extra: list | None = None, lines=False) -> None:
+    handles = [Line2D([], [], color=c, label=m, linewidth=2.5 if m == baseline else 1.5)
+               if lines else Line2D([], [], color=c, linestyle="", label=m, **_marker(m, baseline))
                for m, c in colors.items()]
     fig.legend(handles=handles + (extra or []), loc="outside right upper", fontsize=9)
 
@@ -56,7 +55,7 @@ def _no_data(ax) -> None:
     ax.set_yticks([])
 
 
-def _score_figure(summary: pd.DataFrame, x: str, xlabel: str, title: str, front=None) -> Figure:
+def _score_figure(summary: pd.DataFrame, x: str, xlabel: str, title: str, baseline: str, front=None) -> Figure:
     models = model_order(summary)
     colors = method_colors(summary["method"])
     fig, axes = _figure(len(models), title)
@@ -69,7 +68,7 @@ def _score_figure(summary: pd.DataFrame, x: str, xlabel: str, title: str, front=
                 ci = [[r["score_mean"] - low], [high - r["score_mean"]]]
             hollow = {"markerfacecolor": "white"} if r["n_ok"] < r["n_jobs"] else {}
             ax.errorbar(r[x], r["score_mean"], yerr=ci, color=colors[r["method"]], capsize=3,
-                        linestyle="", **_marker(r["method"]), **hollow)
+                        linestyle="", **_marker(r["method"], baseline), **hollow)
         if front is not None:
             on = rows[pd.Series([(model, m) in front for m in rows["method"]], index=rows.index,
                                 dtype=bool)].sort_values([x, "score_mean"])
@@ -84,23 +83,23 @@ def _score_figure(summary: pd.DataFrame, x: str, xlabel: str, title: str, front=
         ax.set_ylabel("score (test exact match)")
         ax.grid(alpha=0.3)
     extra = [Line2D([], [], color="grey", linestyle="--", label="Pareto front")] if front is not None else []
-    _legend(fig, colors, extra)
+    _legend(fig, colors, baseline, extra)
     return fig
 
 
-def pareto_figure(summary: pd.DataFrame, front: set[tuple[str, str]]) -> Figure:
+def pareto_figure(summary: pd.DataFrame, front: set[tuple[str, str]], baseline: str) -> Figure:
     """Score vs peak memory per model; the Pareto front as a step line; bars: 95% intervals."""
     return _score_figure(summary, "peak_memory_mb", "peak memory (MiB)",
-                         "Score vs peak memory (up and left is better)", front)
+                         "Score vs peak memory (up and left is better)", baseline, front)
 
 
-def speed_figure(summary: pd.DataFrame) -> Figure:
+def speed_figure(summary: pd.DataFrame, baseline: str) -> Figure:
     """Score vs training throughput per model; bars: 95% intervals."""
     return _score_figure(summary, "tokens_per_s", "training throughput (tokens/s)",
-                         "Score vs speed (up and right is better)")
+                         "Score vs speed (up and right is better)", baseline)
 
 
-def scaling_figure(df: pd.DataFrame, summary: pd.DataFrame) -> Figure:
+def scaling_figure(df: pd.DataFrame, summary: pd.DataFrame, baseline: str) -> Figure:
     """Peak memory vs model size per method (log-log), GPU sizes as lines, OOM jobs as red x."""
     colors = method_colors(summary["method"])
     fig = Figure(figsize=(8, 5), dpi=DPI, layout="constrained")
@@ -109,7 +108,7 @@ def scaling_figure(df: pd.DataFrame, summary: pd.DataFrame) -> Figure:
     points = summary.assign(size=summary["model"].map(sizes)).dropna(subset=["peak_memory_mb", "size"])
     for method, rows in points.groupby("method"):
         rows = rows.sort_values("size")
-        ax.plot(rows["size"], rows["peak_memory_mb"], color=colors[method], **_marker(method))
+        ax.plot(rows["size"], rows["peak_memory_mb"], color=colors[method], **_marker(method, baseline))
     if points.empty:
         ax.text(0.5, 0.5, "no ok jobs", transform=ax.transAxes, ha="center", color="grey")
     oom = df.loc[df["status"] == "oom", "model"].map(sizes)
@@ -131,12 +130,12 @@ def scaling_figure(df: pd.DataFrame, summary: pd.DataFrame) -> Figure:
     ax.set_xlabel("model parameters (fewest total_params over the methods)")
     ax.set_ylabel("peak memory (MiB)")
     ax.grid(alpha=0.3, which="both")
-    _legend(fig, colors, [Line2D([], [], marker="x", color="red", linestyle="", mew=2,
-                                 label="out of memory")])
+    _legend(fig, colors, baseline, [Line2D([], [], marker="x", color="red", linestyle="", mew=2,
+                                           label="out of memory")])
     return fig
 
 
-def memory_model_figure(df: pd.DataFrame, summary: pd.DataFrame) -> Figure:
+def memory_model_figure(df: pd.DataFrame, summary: pd.DataFrame, baseline: str) -> Figure:
     """Measured peak memory against the memory model's prediction, one point per job (out of
     memory jobs: their prediction against the memory they reached, as red crosses)."""
     colors = method_colors(summary["method"] if not summary.empty else df["method"])
@@ -146,7 +145,8 @@ def memory_model_figure(df: pd.DataFrame, summary: pd.DataFrame) -> Figure:
     jobs = df.dropna(subset=cols) if set(cols) <= set(df.columns) else df.iloc[0:0]
     jobs = jobs[jobs[cols].gt(0).all(axis=1)]
     for method, rows in jobs[jobs["status"] == "ok"].groupby("method"):
-        ax.plot(rows[cols[0]], rows[cols[1]], color=colors.get(method, "grey"), linestyle="", **_marker(method))
+        ax.plot(rows[cols[0]], rows[cols[1]], color=colors.get(method, "grey"), linestyle="",
+                **_marker(method, baseline))
     oom = jobs[jobs["status"] == "oom"]
     ax.plot(oom[cols[0]], oom[cols[1]], "x", color="red", markersize=9, mew=2, linestyle="")
     if jobs.empty:
@@ -169,11 +169,12 @@ def memory_model_figure(df: pd.DataFrame, summary: pd.DataFrame) -> Figure:
     ax.set_xlabel("predicted peak memory (MiB, harness/memory_model.py)")
     ax.set_ylabel("measured peak memory (MiB)")
     ax.grid(alpha=0.3, which="both")
-    _legend(fig, colors, [Line2D([], [], marker="x", color="red", linestyle="", mew=2, label="out of memory")])
+    _legend(fig, colors, baseline, [Line2D([], [], marker="x", color="red", linestyle="", mew=2,
+                                           label="out of memory")])
     return fig
 
 
-def curves_figure(df: pd.DataFrame, summary: pd.DataFrame) -> Figure:
+def curves_figure(df: pd.DataFrame, summary: pd.DataFrame, baseline: str) -> Figure:
     """Training loss per step, mean over the ok seeds of each method, one panel per model."""
     models = model_order(summary)
     colors = method_colors(summary["method"])
@@ -187,22 +188,22 @@ def curves_figure(df: pd.DataFrame, summary: pd.DataFrame) -> Figure:
             if losses:
                 mean = pd.DataFrame(losses).mean(axis=0)
                 ax.plot(mean.index + 1, mean.values, color=colors[method], label=method,
-                        linewidth=2.5 if method == BASELINE else 1.5)
+                        linewidth=2.5 if method == baseline else 1.5)
         ax.set_title(model)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("training loss")
         ax.grid(alpha=0.3)
-    _legend(fig, colors, lines=True)
+    _legend(fig, colors, baseline, lines=True)
     return fig
 
 
-def forest_figure(comparison: pd.DataFrame, summary: pd.DataFrame) -> Figure:
-    """Each method's score difference vs QLoRA with its 95% interval (paired over test examples
-    and seeds where per-example outcomes exist), and the seed-only Welch interval below it in
-    grey, one panel per model."""
+def forest_figure(comparison: pd.DataFrame, summary: pd.DataFrame, base_title: str) -> Figure:
+    """Each method's score difference vs the baseline (named `base_title`) with its 95%
+    interval (paired over test examples and seeds where per-example outcomes exist), and the
+    seed-only Welch interval below it in grey, one panel per model."""
     models = model_order(summary)
     colors = method_colors(summary["method"])
-    fig, axes = _figure(len(models), "Score difference vs QLoRA (95% intervals)")
+    fig, axes = _figure(len(models), f"Score difference vs {base_title} (95% intervals)")
     for ax, model in zip(axes, models):
         rows = comparison[(comparison["model"] == model) & comparison["score_diff"].notna()]
         rows = rows.sort_values("method", ascending=False).reset_index(drop=True)
@@ -220,7 +221,7 @@ def forest_figure(comparison: pd.DataFrame, summary: pd.DataFrame) -> Figure:
         ax.set_yticks(range(len(rows)), rows["method"])
         ax.set_ylim(-0.8, max(len(rows), 1) - 0.4)
         ax.set_title(model)
-        ax.set_xlabel("score difference vs QLoRA")
+        ax.set_xlabel(f"score difference vs {base_title}")
         ax.grid(alpha=0.3, axis="x")
     extra = [Line2D([], [], color="black", linewidth=2.5, label="paired (examples and seeds)"),
              Line2D([], [], color="grey", linewidth=1, label="seed-only (Welch)"),

@@ -11,10 +11,11 @@ from markupsafe import Markup
 
 from harness.report import figures
 from harness.report.aggregate import collect, collect_outcomes, write_csv
+from harness.config import method_title
 from harness.report.verdict import (against_baseline, cannot_conclude, detectable_by_model, pareto_front,
                                     score_matrices, select_learning_rates, summarize)
 
-BASELINE = "qlora"
+BASELINE = "qlora"  # the default of report.baseline
 MEMORY_SOURCES = {
     "cuda_max_reserved": "torch's peak reserved CUDA memory minus its baseline taken just before "
                          "the model loads",
@@ -27,8 +28,8 @@ MEMORY_SOURCES = {
 WALL = [("metrics.wall_setup_s", "setup (s)"), ("metrics.wall_train_s", "train (s)"),
         ("metrics.wall_eval_s", "eval (s)")]
 FIGURES = [
-    ("forest.png", "Score difference vs QLoRA",
-     "Each method's test-score difference from QLoRA on the same model with its 95% interval "
+    ("forest.png", "Score difference vs {base}",
+     "Each method's test-score difference from {base} on the same model with its 95% interval "
      "(thick: paired over test examples and seeds; thin grey below it: over seeds only, Welch, which "
      "treats the test set as fixed). Hollow dots: no per-example outcomes, so the seed-only interval. "
      "Bars stop at -1 and +1, the range of a difference of scores. "
@@ -37,7 +38,7 @@ FIGURES = [
      "Each point is one method's mean over its ok seeds; bars are 95% intervals of the mean "
      "(none with one seed; cut at 0 and 1, the range of a score). The dashed step line joins the Pareto front: no other method has "
      "both less memory and a higher score. Hollow markers: methods with a failed or out-of-memory "
-     "job, which are never on the front. QLoRA is the black-edged star."),
+     "job, which are never on the front. {base}, the baseline, is the black-edged star."),
     ("speed.png", "Score vs speed",
      "Training throughput (non-padding tokens per second, after the warm-up steps) against the "
      "score; further right trains faster."),
@@ -55,15 +56,15 @@ FIGURES = [
 
 
 VIEWS = {  # budget view: heading, caption
-    "default": ("Verdicts against QLoRA", "Every method with its own settings (conf/method/)."),
+    "default": ("Verdicts against {base}", "Every method with its own settings (conf/method/)."),
     "params": ("At equal trainable parameters",
                "Jobs run with budget=params: each method's size knob (LoRA rank, AdaLoRA's initial rank, "
-               "virtual tokens, VeRA's rank) set so its trainable-parameter count is closest to QLoRA's on "
+               "virtual tokens, VeRA's rank) set so its trainable-parameter count is closest to {base}'s on "
                "the same model. Methods that cannot be sized to it ran with their own settings and are not "
                "compared."),
     "memory": ("At equal memory",
                "Jobs run with budget=memory: each method's size knob set to the largest value whose "
-               "predicted peak memory fits in QLoRA's predicted peak for the same model, batch and sequence "
+               "predicted peak memory fits in {base}'s predicted peak for the same model, batch and sequence "
                "length. Methods that do not fit even at size 1 ran with their own settings and are not "
                "compared."),
 }
@@ -107,9 +108,10 @@ def _agreement(c) -> str:
 
 
 def verdict_table(model: str, summary: pd.DataFrame, comparison: pd.DataFrame, front,
-                  uuid: str = "verdict", sizes: dict | None = None) -> str:
-    """One model's methods against QLoRA, as HTML (★: on the Pareto front). `sizes`, for an
+                  uuid: str = "verdict", sizes: dict | None = None, baseline: str = BASELINE) -> str:
+    """One model's methods against `baseline`, as HTML (★: on the Pareto front). `sizes`, for an
     equal-budget view: (model, method) -> (size label, matched)."""
+    base = method_title(baseline)
     s = summary[summary["model"] == model].set_index("method")
     c = comparison[comparison["model"] == model].set_index("method")
     rows = [{
@@ -117,16 +119,16 @@ def verdict_table(model: str, summary: pd.DataFrame, comparison: pd.DataFrame, f
         **({"size": sizes.get((model, m), ("—", False))[0]} if sizes is not None else {}),
         "jobs ok": f"{s.at[m, 'n_ok']} / {s.at[m, 'n_jobs']}",
         "score (mean ± 95% CI)": _score(s.loc[m]),
-        "Δ score vs QLoRA [95% CI]": _diff(c.at[m, "score_diff"], c.at[m, "diff_lo"], c.at[m, "diff_hi"],
+        f"Δ score vs {base} [95% CI]": _diff(c.at[m, "score_diff"], c.at[m, "diff_lo"], c.at[m, "diff_hi"],
                                            c.at[m, "interval"]),
         "p (Holm)": _num(c.at[m, "p_holm"], "{:.3g}"),
         "seed-only Δ [95% CI]": _diff(c.at[m, "score_diff"] if c.at[m, "interval"].startswith("paired")
                                       else math.nan, c.at[m, "seed_diff_lo"], c.at[m, "seed_diff_hi"]),
-        "examples won / lost vs QLoRA": _agreement(c.loc[m]),
+        f"examples won / lost vs {base}": _agreement(c.loc[m]),
         "peak memory (MiB)": _num(s.at[m, "peak_memory_mb"]),
-        "memory vs QLoRA": _num(c.at[m, "memory_ratio"], "{:.2f}×"),
+        f"memory vs {base}": _num(c.at[m, "memory_ratio"], "{:.2f}×"),
         "tokens/s": _num(s.at[m, "tokens_per_s"], "{:,.0f}"),
-        "speed vs QLoRA": _num(c.at[m, "speed_ratio"], "{:.2f}×"),
+        f"speed vs {base}": _num(c.at[m, "speed_ratio"], "{:.2f}×"),
         "trainable params": _num(s.at[m, "trainable_params"], "{:,.0f}"),
         **({"forgetting (Δ loss)": _num(s.at[m, "forgetting"], "{:+.3f}")} if s["forgetting"].notna().any() else {}),
         **({"capability (Δ accuracy)": _num(s.at[m, "capability_change"], "{:+.3f}")}
@@ -135,10 +137,10 @@ def verdict_table(model: str, summary: pd.DataFrame, comparison: pd.DataFrame, f
                    else "not comparable: not sized to the budget",
     } for m in s.index]
     table = pd.DataFrame(rows)
-    baseline = [m == BASELINE for m in s.index]
+    is_baseline = [m == baseline for m in s.index]
     styler = table.style.hide(axis="index").format(escape="html").set_uuid(uuid)
     styler = styler.apply(lambda row: ["background-color: #fff3c4; font-weight: bold"
-                                       if baseline[row.name] else ""] * len(row), axis=1)
+                                       if is_baseline[row.name] else ""] * len(row), axis=1)
     return styler.set_table_attributes('class="verdict"').to_html()
 
 
@@ -193,16 +195,16 @@ def _first(df: pd.DataFrame, column: str, pick) -> str:
     return pick(values) if values else "unknown"
 
 
-def intro(df: pd.DataFrame, summary: pd.DataFrame) -> str:
+def intro(df: pd.DataFrame, summary: pd.DataFrame, baseline: str = BASELINE) -> str:
     counts = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().sort_index().items())
     seeds = sorted(df["seed"].dropna().unique())
     return (f"{len(df)} jobs ({counts}): {summary['model'].nunique()} model(s) × "
             f"{summary['method'].nunique()} method(s), seeds {', '.join(map(str, seeds))}, "
             f"task {_unique(df, 'task')}. Each job fine-tuned one model with one method, then "
-            "measured its peak memory, training throughput and test score. QLoRA (qlora) is the "
-            "baseline. A difference in score counts only when it is significant at 5% after Holm's "
-            "correction for comparing every method with QLoRA (paired over test examples and seeds); "
-            "memory counts as less or more beyond ±5%.")
+            f"measured its peak memory, training throughput and test score. {method_title(baseline)} ({baseline}) is "
+            "the baseline. A difference in score counts only when it is significant at 5% after Holm's "
+            f"correction for comparing every method with {method_title(baseline)} (paired over test examples and "
+            "seeds); memory counts as less or more beyond ±5%.")
 
 
 def memory_note(df: pd.DataFrame) -> str:
@@ -270,40 +272,44 @@ def budget_sizes(df: pd.DataFrame) -> dict:
     return sizes
 
 
-def detectable_note(value: float | None) -> str | None:
+def detectable_note(value: float | None, baseline: str = BASELINE) -> str | None:
     if value is None or math.isnan(value):
         return None
-    return (f"With this sweep's seeds and test examples, the smallest score difference from QLoRA it "
+    return (f"With this sweep's seeds and test examples, the smallest score difference from {method_title(baseline)} it "
             f"detects (80% power, 5% level, per comparison) is about {value:.3f} ({100 * value:.1f} points; "
             "the median over methods). python -m harness.plan --power DIFF --pilot SWEEP_DIR says how many "
             "seeds and test examples a smaller one needs.")
 
 
-def verdict_sections(views: list[tuple[str, pd.DataFrame]], outcomes: pd.DataFrame) -> tuple[list, pd.DataFrame]:
+def verdict_sections(views: list[tuple[str, pd.DataFrame]], outcomes: pd.DataFrame,
+                     baseline: str = BASELINE) -> tuple[list, pd.DataFrame]:
     """For each budget view: its heading, caption and one verdict table per model (with its
     detectable-difference note); and every view's comparison rows, with a `budget` column."""
     sections, comparisons = [], []
     for name, jobs in views:
         kept, _ = select_learning_rates(jobs)
         summary = summarize(kept)
-        comparison = against_baseline(summary, score_matrices(kept, outcomes), BASELINE)
+        comparison = against_baseline(summary, score_matrices(kept, outcomes), baseline)
         comparisons.append(comparison.assign(budget=name))
         sizes = budget_sizes(kept) if name != "default" else None
         matched = summary if sizes is None else summary[[sizes.get((r.model, r.method), ("", False))[1]
                                                          for r in summary.itertuples()]]
         front = pareto_front(matched)
         detectable = detectable_by_model(comparison)
-        tables = [(m, Markup(verdict_table(m, summary, comparison, front, f"verdict-{name}-{i}", sizes)),
-                   detectable_note(detectable.get(m)))
+        tables = [(m, Markup(verdict_table(m, summary, comparison, front, f"verdict-{name}-{i}", sizes, baseline)),
+                   detectable_note(detectable.get(m), baseline))
                   for i, m in enumerate(figures.model_order(summary))]
-        sections.append((*VIEWS[name], tables))
+        heading, caption = VIEWS[name]
+        base = method_title(baseline)
+        sections.append((heading.format(base=base), caption.format(base=base), tables))
     table = pd.concat(comparisons, ignore_index=True)
     return sections, table[["budget"] + [c for c in table.columns if c != "budget"]]
 
 
-def render_report(df: pd.DataFrame, out_dir: Path, title: str) -> Path:
+def render_report(df: pd.DataFrame, out_dir: Path, title: str, baseline: str = BASELINE) -> Path:
     """Write results.csv, verdicts.csv, examples.csv, the figures and index.html for the
-    collected results `df`."""
+    collected results `df`, every method compared with `baseline`."""
+    base = method_title(baseline)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     all_jobs, views = df, budget_views(df)
@@ -311,28 +317,29 @@ def render_report(df: pd.DataFrame, out_dir: Path, title: str) -> Path:
     df, choices = select_learning_rates(views[0][1])  # figures: the default view if present
     summary = summarize(df)
     front = pareto_front(summary)
-    sections, comparisons = verdict_sections(views, outcomes)
+    sections, comparisons = verdict_sections(views, outcomes, baseline)
     write_csv(all_jobs, out_dir / "results.csv")
     comparisons.to_csv(out_dir / "verdicts.csv", index=False, lineterminator="\n")
     outcomes.to_csv(out_dir / "examples.csv", index=False, lineterminator="\n")
-    made = {"forest.png": figures.forest_figure(comparisons[comparisons["budget"] == views[0][0]], summary),
-            "pareto.png": figures.pareto_figure(summary, front),
-            "speed.png": figures.speed_figure(summary),
-            "scaling.png": figures.scaling_figure(df, summary),
-            "memory_model.png": figures.memory_model_figure(all_jobs, summary),
-            "curves.png": figures.curves_figure(df, summary)}
+    made = {"forest.png": figures.forest_figure(comparisons[comparisons["budget"] == views[0][0]], summary, base),
+            "pareto.png": figures.pareto_figure(summary, front, baseline),
+            "speed.png": figures.speed_figure(summary, baseline),
+            "scaling.png": figures.scaling_figure(df, summary, baseline),
+            "memory_model.png": figures.memory_model_figure(all_jobs, summary, baseline),
+            "curves.png": figures.curves_figure(df, summary, baseline)}
     for name, fig in made.items():
         figures.save(fig, out_dir / name)
     env = Environment(loader=FileSystemLoader(Path(__file__).parent), autoescape=True,
                       keep_trailing_newline=True)
     html = env.get_template("template.html.j2").render(
-        title=title, intro=intro(df, summary), memory_note=memory_note(df),
+        title=title, intro=intro(df, summary, baseline), memory_note=memory_note(df), base=base, baseline=baseline,
         forgetting=_unique(all_jobs, "config.forgetting.name")
         if "metrics.forgetting" in all_jobs and all_jobs["metrics.forgetting"].notna().any() else None,
         capability=_unique(all_jobs, "config.capability.name")
         if "metrics.capability_change" in all_jobs and all_jobs["metrics.capability_change"].notna().any() else None,
         sections=sections,
-        figures=FIGURES, notes=cannot_conclude(df, summary, BASELINE),
+        figures=[(f, h.format(base=base), c.format(base=base)) for f, h, c in FIGURES],
+        notes=cannot_conclude(df, summary, baseline),
         learning_rates=Markup(learning_rate_table(choices)) if len(choices) else None,
         memory_model=Markup(m) if (m := memory_model_table(all_jobs)) else None,
         runs=Markup(run_table(all_jobs)), provenance=provenance(all_jobs))
@@ -341,21 +348,22 @@ def render_report(df: pd.DataFrame, out_dir: Path, title: str) -> Path:
     return index
 
 
-def build_report(sweep_dirs: list[Path], out_dir: Path, title: str | None = None) -> Path:
-    """Collect the results under `sweep_dirs` and write the report into `out_dir`; returns
-    the path of index.html. Raises ValueError when there is no readable result."""
+def build_report(sweep_dirs: list[Path], out_dir: Path, title: str | None = None, baseline: str = BASELINE) -> Path:
+    """Collect the results under `sweep_dirs` and write the report into `out_dir`, every
+    method compared with `baseline`; returns the path of index.html. Raises ValueError when
+    there is no readable result."""
     df = collect([Path(d) for d in sweep_dirs])
     if df.empty:
         raise ValueError(f"no result.json under {', '.join(map(str, sweep_dirs))}")
     title = title or default_title(df, sweep_dirs)
     tasks = sorted(df["task"].dropna().unique())
     if len(tasks) <= 1:
-        return render_report(df, out_dir, title)
+        return render_report(df, out_dir, title, baseline)
     # Scores of different tasks are never pooled: one report per task, and a page linking them.
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for task in tasks:
-        render_report(df[df["task"] == task], out_dir / task, f"{title}: task {task}")
+        render_report(df[df["task"] == task], out_dir / task, f"{title}: task {task}", baseline)
     write_csv(df, out_dir / "results.csv")
     env = Environment(loader=FileSystemLoader(Path(__file__).parent), autoescape=True, keep_trailing_newline=True)
     index = out_dir / "index.html"

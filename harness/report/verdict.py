@@ -1,5 +1,6 @@
-"""What the numbers say: per-method summaries, comparison with QLoRA, the Pareto front, and
-what cannot be concluded. Pure functions of the table built by `aggregate.collect`."""
+"""What the numbers say: per-method summaries, comparison with the baseline (QLoRA unless
+`report.baseline` names another), the Pareto front, and what cannot be concluded. Pure
+functions of the table built by `aggregate.collect`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from harness.config import method_title
 from harness.report import statistics
 
 MEMORY_LESS, MEMORY_MORE = 0.95, 1.05  # memory ratio thresholds
@@ -77,11 +79,11 @@ def paired(method: pd.DataFrame, base: pd.DataFrame) -> tuple[statistics.Compone
     return statistics.components(xa, xb), agreement
 
 
-def _verdict(score: str, memory: str, caveat: str | None) -> str:
+def _verdict(score: str, memory: str, caveat: str | None, base: str = "QLoRA") -> str:
     if score == "better" and memory == "less":
-        text = "beats QLoRA on score and memory"
+        text = f"beats {base} on score and memory"
     elif score == "worse" and memory in ("same", "more") or score == "same" and memory == "more":
-        text = "dominated by QLoRA"
+        text = f"dominated by {base}"
     else:
         text = f"{score} score, {memory} memory"
     return text + (f" ({caveat})" if caveat else "")
@@ -113,7 +115,7 @@ def against_baseline(summary: pd.DataFrame, matrices: dict | None = None, baseli
         elif row["n_scored"] == 0:
             out["verdict"] = "not comparable (no score)"
         elif base.empty or base.iloc[0]["n_scored"] == 0:
-            out["verdict"] = "no QLoRA baseline"
+            out["verdict"] = f"no {method_title(baseline)} baseline"
         else:
             b = base.iloc[0]
             seed_only = statistics.welch(row["score_mean"], row["score_sd"], row["n_scored"],
@@ -146,21 +148,21 @@ def against_baseline(summary: pd.DataFrame, matrices: dict | None = None, baseli
     for _, group in table.groupby("model"):
         table.loc[group.index, "p_holm"] = statistics.holm(group["p_value"].astype(float))
     for i, r in table[table["_memory"].notna()].iterrows():
-        table.at[i, "verdict"] = _score_verdict(r)
+        table.at[i, "verdict"] = _score_verdict(r, method_title(baseline))
     return table[COLUMNS]
 
 
-def _score_verdict(r) -> str:
+def _score_verdict(r, base: str) -> str:
     """The verdict of one comparison row with its interval, p-values and memory class."""
     if not r["_conclusive"]:
         score = "better" if r["score_diff"] > 0 else "worse" if r["score_diff"] < 0 else "same"
         caveat = ("1 seed: not conclusive" if r["interval"] == "none (1 seed)"
                   else "no variation seen: not conclusive")
-        return _verdict(score, r["_memory"], caveat)
+        return _verdict(score, r["_memory"], caveat, base)
     significant = r["p_holm"] < SIGNIFICANT
     score = "same" if not significant else "better" if r["score_diff"] > 0 else "worse"
     caveat = None if r["_seeds"] else "1 seed: interval over test examples only"
-    return _verdict(score, r["_memory"], caveat)
+    return _verdict(score, r["_memory"], caveat, base)
 
 
 def detectable_by_model(comparison: pd.DataFrame) -> dict[str, float]:
@@ -240,7 +242,7 @@ def cannot_conclude(df: pd.DataFrame, summary: pd.DataFrame, baseline: str = "ql
         if len(group) == 1:
             notes.append(f"{model}: only one method ({group.iloc[0]['method']}) ran; nothing to compare.")
         if baseline not in set(group["method"]):
-            notes.append(f"{model}: no {baseline} run, so no comparison with the QLoRA baseline.")
+            notes.append(f"{model}: no {baseline} run, so no comparison with the {method_title(baseline)} baseline.")
         single = sorted(group.loc[(group["n_scored"] == 1), "method"])
         if single:
             notes.append(f"{model}: only one scored seed for {', '.join(single)}: their intervals cover "
@@ -261,6 +263,7 @@ def cannot_conclude(df: pd.DataFrame, summary: pd.DataFrame, baseline: str = "ql
     if "config.model.name_or_path" in df:  # no name_or_path: a locally built random-init model
         tiny = sorted(df.loc[df["config.model.name_or_path"].fillna("") == "", "model"].unique())
         if tiny:
-            notes.append(f"{', '.join(tiny)}: tiny models with random initial weights; their scores "
-                         "are low and say little about how the methods rank on pretrained models.")
+            notes.append(f"{', '.join(tiny)}: tiny models built here (pretrained for a few minutes on a synthetic "
+                         "corpus, or with random weights under model.init=random); how the methods rank on them "
+                         "says little about how they rank on real LLMs.")
     return notes
