@@ -1,7 +1,8 @@
-"""One fine-tuning job, start to finish, in its own process: `python -m harness.job OUT_DIR`.
+"""One fine-tuning job, start to finish, in its own process (`run_child`).
 
-The Hydra app (`python -m harness`) starts this process for every job, so that each job's
-peak memory is its own, and passes the resolved config as JSON on stdin. The job loads the
+The Hydra app (`python -m harness`) forks this process for every job from the job server
+(harness/launch.py), so that each job's peak memory is its own, and hands it the resolved
+config. The job loads the
 task's data and the model (with `forgetting`, it measures the base model's loss on general
 text), applies the method, scores the model before training, trains, scores it again (and
 measures the general-text loss again), and writes `OUT_DIR/result.json` whatever happens:
@@ -14,7 +15,6 @@ stderr naming the file; the sweep stops).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -25,6 +25,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import ConfigError, unwritable
@@ -194,37 +195,36 @@ def predicted_memory(model_config, method: dict, tcfg: dict, longest: int, devic
     return {"predicted_peak_memory_mb": p["peak_mb"], "predicted_memory": p}
 
 
-def train_and_score(config: dict, device, metrics: dict, sampler, started: float, outcomes: list) -> None:
-    """Everything a job measures, filled into `metrics` as soon as it is known, and each
-    scored example's outcome appended to `outcomes`.
+@dataclass
+class Setup:
+    """What a job prepares before its model loads (a bad task or method setting fails here,
+    before any weight is read): the method and training settings as they run, the task's data
+    and metric, the model's source, config and tokenizer, and the tokenized training set."""
+    method: dict
+    tcfg: dict
+    splits: dict
+    metric: object
+    source: str
+    model_config: object
+    tokenizer: object
+    examples: list
+    longest: int  # tokens of the longest training example
 
-    `started` is when the job's process was launched (time.time()); wall times are split into
-    setup (process start, imports, model load, data), training and evaluation.
-    """
-    import torch
+
+def prepare(config: dict, device, metrics: dict) -> Setup:
+    """Data first, then the model's config and tokenizer, the method checked against them (and
+    sized to a budget), and the memory model's prediction, made before the model loads so that
+    an out-of-memory result carries it too."""
     from transformers import AutoConfig
 
-    from harness import measure
-    from harness.data import batch_stream, tokenize_examples
-    from harness.evaluation import SCORERS, text_loss
-    from harness.methods import (adamw_impl_used, apply_method, make_optimizer, optimizer_state_bytes,
-                                 optimizer_state_dtypes)
+    from harness.data import tokenize_examples
     from harness.metrics import load_metric
-    from harness.models import load_model, load_tokenizer, resolve_model_source
-    from harness.tasks import general_texts, load_task
-    from harness.train import lr_scheduler, train
+    from harness.models import load_tokenizer, resolve_model_source
+    from harness.tasks import load_task
 
     model_cfg, task_cfg = config["model"], config["task"]
     method, tcfg = without_emulated_bf16(config["method"], config["train"], device)
-
-    # Data first: a bad task setting fails before any model is loaded.
-    splits = load_task(task_cfg)
-    metric = load_metric(task_cfg["metric"])
-    forgetting = config.get("forgetting")
-    forgetting_texts = general_texts(forgetting) if forgetting else None
-    capability = config.get("capability")
-    capability_test = load_task(capability)["test"] if capability else None
-
+    splits, metric = load_task(task_cfg), load_metric(task_cfg["metric"])
     source = resolve_model_source(model_cfg)
     try:
         model_config = AutoConfig.from_pretrained(source, revision=model_cfg["revision"],
@@ -239,75 +239,131 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
         raise ConfigError(f"train.seq_len={tcfg['seq_len']} is shorter than every training example")
     metrics["train_examples"], metrics["train_examples_dropped"] = len(examples), dropped
     longest = max(len(e["input_ids"]) for e in examples)
-    if config.get("budget", "default") != "default":  # size the method to QLoRA's budget
+    if config.get("budget", "default") != "default":  # size the method to the baseline's budget
         method, metrics["budget"] = sized_for_budget(model_config, method, config["budget"], tcfg, longest, device,
                                                      config.get("report", {}).get("baseline", "qlora"))
         check_method_applies(method, model_config, tcfg["seq_len"], device)
-    # The prediction comes before the model loads, so an out-of-memory result carries it too.
     metrics.update(predicted_memory(model_config, method, tcfg, longest, device))
-    model = load_model(source, model_cfg["revision"], dtype=getattr(torch, method["base_dtype"]),
-                       quantization=method.get("quantization"), device=device,
+    return Setup(method, tcfg, splits, metric, source, model_config, tokenizer, examples, longest)
+
+
+class Evaluator:
+    """Everything a job scores, on a clock of its own (`seconds`): the task's splits, the
+    capability benchmark (`capability=`) and the loss on general text (`forgetting=`); each
+    scored example's outcome is appended to `outcomes` (predictions.jsonl). Its data loads when
+    it is made, before the model; `use(model, autocast)` says what to score."""
+
+    def __init__(self, config: dict, setup: Setup, device, outcomes: list):
+        from harness.metrics import load_metric
+        from harness.tasks import general_texts, load_task
+
+        self.config, self.setup, self.device, self.outcomes = config, setup, device, outcomes
+        self.forgetting, self.capability = config.get("forgetting"), config.get("capability")
+        self.forgetting_texts = general_texts(self.forgetting) if self.forgetting else None
+        if self.capability:
+            self.capability_test = load_task(self.capability)["test"]
+            self.capability_metric = load_metric(self.capability["metric"])
+        self.seconds = 0.0
+        self.model = self.autocast = None
+
+    def use(self, model, autocast) -> None:
+        self.model, self.autocast = model, autocast
+
+    def _scored(self, task: dict, metric, dataset, split: str, stage: str):
+        from harness.evaluation import SCORERS
+
+        started = time.time()
+        value, samples, per_example = SCORERS[task["scoring"]](
+            self.model, self.setup.tokenizer, dataset, metric, task["metric"],
+            batch_size=self.config["eval"]["batch_size"], max_new_tokens=task["max_new_tokens"], device=self.device,
+            autocast=self.autocast)
+        self.outcomes.extend({"split": split, "stage": stage, **o} for o in per_example)
+        self.seconds += time.time() - started
+        return value, samples
+
+    def task(self, stage: str, split: str = "test"):
+        """The task's score of `split` and a few samples of predictions."""
+        return self._scored(self.config["task"], self.setup.metric, self.setup.splits[split], split, stage)
+
+    def capability_score(self, stage: str) -> float:
+        return self._scored(self.capability, self.capability_metric, self.capability_test, "capability", stage)[0]
+
+    def general_loss(self) -> float:
+        from harness.evaluation import text_loss
+
+        started = time.time()
+        value = text_loss(self.model, self.setup.tokenizer, self.forgetting_texts,
+                          max_tokens=self.forgetting["max_tokens"], batch_size=self.forgetting["batch_size"],
+                          device=self.device, autocast=self.autocast)
+        self.seconds += time.time() - started
+        return value
+
+
+def load(setup: Setup, config: dict, device, sampler):
+    """The model as the method needs it loaded (dtype, quantization); the sampler counts its
+    file-mapped weights and moves to the "prepare" phase."""
+    import torch
+
+    from harness.models import load_model
+
+    model_cfg = config["model"]
+    model = load_model(setup.source, model_cfg["revision"], dtype=getattr(torch, setup.method["base_dtype"]),
+                       quantization=setup.method.get("quantization"), device=device,
                        trust_remote_code=model_cfg.get("trust_remote_code", False))
     sampler.note_model(model)
     sampler.phase("prepare")  # the model is loaded: the method is applied, scores before training
-    autocast, metrics["autocast_dtype"] = autocast_for(device, tcfg["precision"])
-    metrics["wall_eval_s"] = 0.0
+    return model
 
-    def general_loss() -> float:  # forgetting: loss on general text outside the task
-        t = time.time()
-        value = text_loss(model, tokenizer, forgetting_texts, max_tokens=forgetting["max_tokens"],
-                          batch_size=forgetting["batch_size"], device=device, autocast=autocast)
-        metrics["wall_eval_s"] += time.time() - t
-        return value
 
-    def scored(task: dict, task_metric, dataset, split: str, stage: str):
-        """`task`'s score of `dataset`; each example's outcome goes to `outcomes` (predictions.jsonl)."""
-        t = time.time()
-        value, samples, per_example = SCORERS[task["scoring"]](
-            model, tokenizer, dataset, task_metric, task["metric"], batch_size=config["eval"]["batch_size"],
-            max_new_tokens=task["max_new_tokens"], device=device, autocast=autocast)
-        outcomes.extend({"split": split, "stage": stage, **o} for o in per_example)
-        metrics["wall_eval_s"] += time.time() - t
-        return value, samples
+def score_base_model(evaluator: Evaluator, metrics: dict) -> None:
+    """The base model, as loaded for this method, before the method changes it: general-text
+    loss (forgetting) and the capability benchmark."""
+    if evaluator.forgetting:
+        metrics["forgetting_loss_before"] = evaluator.general_loss()
+        log.info("general-text loss before training (%s): %.4f", evaluator.forgetting["name"],
+                 metrics["forgetting_loss_before"])
+    if evaluator.capability:
+        metrics["capability_before"] = evaluator.capability_score("before")
+        log.info("capability (%s) before training: %.4f", evaluator.capability["name"], metrics["capability_before"])
 
-    def score(stage: str, split: str = "test"):
-        return scored(task_cfg, metric, splits[split], split, stage)
 
-    if capability:  # a general benchmark outside the task
-        capability_metric = load_metric(capability["metric"])
+def with_method(model, setup: Setup, config: dict, sampler, metrics: dict):
+    """The method applied; its parameter counts and weight bytes recorded."""
+    from harness import measure
+    from harness.methods import apply_method
 
-        def capability_score(stage: str) -> float:
-            return scored(capability, capability_metric, capability_test, "capability", stage)[0]
-
-    if forgetting:  # the base model, as loaded for this method, before the method changes it
-        metrics["forgetting_loss_before"] = general_loss()
-        log.info("general-text loss before training (%s): %.4f", forgetting["name"], metrics["forgetting_loss_before"])
-    if capability:
-        metrics["capability_before"] = capability_score("before")
-        log.info("capability (%s) before training: %.4f", capability["name"], metrics["capability_before"])
-    weights = Path(source) / "model.safetensors"
-    model = apply_method(model, method, max_steps=tcfg["max_steps"],
-                         gradient_checkpointing=tcfg["gradient_checkpointing"],
+    weights = Path(setup.source) / "model.safetensors"
+    model = apply_method(model, setup.method, max_steps=setup.tcfg["max_steps"],
+                         gradient_checkpointing=setup.tcfg["gradient_checkpointing"],
                          weights_file=str(weights) if weights.is_file() else None)
     sampler.note_model(model)
     metrics.update(measure.count_params(model))
     metrics.update(measure.weight_bytes(model))
-
     # A real architecture with random weights measures memory and speed; its scores mean nothing.
-    metrics["score_meaningful"] = model_cfg.get("init", "pretrained") != "random"
+    metrics["score_meaningful"] = config["model"].get("init", "pretrained") != "random"
+    return model
 
-    if config["eval"]["before"]:
-        metrics["score_before"], _ = score("before")
-        log.info("score before training: %s=%.4f", task_cfg["metric"], metrics["score_before"])
 
+def fine_tune(model, setup: Setup, config: dict, device, autocast, sampler, metrics: dict, started: float,
+              eval_seconds: float):
+    """Train, with the sampler in its "train" phase (the headline peak) and the step timer.
+    The job's time until training starts, less its `eval_seconds` of scoring, is its setup
+    time (`started`: when its process was launched). Returns the optimizer."""
+    from harness import measure
+    from harness.data import batch_stream
+    from harness.methods import make_optimizer
+    from harness.train import lr_scheduler, train
+
+    tcfg = setup.tcfg
     metrics["lr"] = tcfg["lr"] * tcfg.get("lr_scale", 1.0)
-    optimizer = make_optimizer(model, method["optimizer"], metrics["lr"], tcfg["weight_decay"], tcfg["adamw_impl"])
+    optimizer = make_optimizer(model, setup.method["optimizer"], metrics["lr"], tcfg["weight_decay"],
+                               tcfg["adamw_impl"])
     scheduler = lr_scheduler(optimizer, tcfg["schedule"], tcfg["warmup_steps"], tcfg["max_steps"])
     timer = measure.StepTimer(device, config["measure"]["warmup_steps"])
-    batches = batch_stream(examples, tcfg["batch_size"], config["seed"], tokenizer.pad_token_id, device)
+    batches = batch_stream(setup.examples, tcfg["batch_size"], config["seed"], setup.tokenizer.pad_token_id, device)
     sampler.phase("train")  # the headline peak: training's (harness/measure.py)
     train_start = time.time()
-    metrics["wall_setup_s"] = train_start - started - metrics["wall_eval_s"]
+    metrics["wall_setup_s"] = train_start - started - eval_seconds
     losses = train(model, optimizer, scheduler, batches, max_steps=tcfg["max_steps"],
                    grad_accum=tcfg["grad_accum"], max_grad_norm=tcfg["max_grad_norm"], timer=timer,
                    autocast=autocast, log_every=tcfg["log_every"], compile=tcfg["compile"], record=metrics,
@@ -315,34 +371,70 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     metrics["wall_train_s"] = time.time() - train_start
     metrics.update(sampler.stop())
     metrics.update(timer.summary())
-    metrics.update(training_flops(model, model_config, method, examples, device, metrics["tokens_per_s"]))
     metrics.update(train_loss_first=losses[0], train_loss_last=losses[-1], train_losses=losses)
-    metrics["optimizer"] = method["optimizer"]["name"]
+    return optimizer
+
+
+def training_metrics(model, optimizer, setup: Setup, device, metrics: dict) -> None:
+    """What training leaves to record: FLOPs and MFU, the optimizer's state, AdaLoRA's ranks."""
+    from harness.methods import adamw_impl_used, optimizer_state_bytes, optimizer_state_dtypes
+
+    metrics.update(training_flops(model, setup.model_config, setup.method, setup.examples, device,
+                                  metrics["tokens_per_s"]))
+    metrics["optimizer"] = setup.method["optimizer"]["name"]
     metrics["adamw_impl"] = adamw_impl_used(optimizer)
-    if tcfg["adamw_impl"] != "default" and metrics["adamw_impl"] is None:
+    if setup.tcfg["adamw_impl"] != "default" and metrics["adamw_impl"] is None:
         log.warning("train.adamw_impl=%s applies to torch's AdamW; %s has one implementation",
-                    tcfg["adamw_impl"], metrics["optimizer"])
+                    setup.tcfg["adamw_impl"], metrics["optimizer"])
     metrics["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
     metrics["optimizer_state_dtypes"] = optimizer_state_dtypes(optimizer)
-    if hasattr(model, "peft_config") and method["peft"]["peft_type"] == "ADALORA":
+    if hasattr(model, "peft_config") and setup.method["peft"]["peft_type"] == "ADALORA":
         pattern = model.peft_config["default"].rank_pattern or {}
         metrics["adalora_final_ranks"] = {k: int(sum(v)) for k, v in pattern.items()}
+    metrics["adapter_bytes"] = adapter_bytes(model)
 
-    if config["eval"].get("validation"):  # for choosing learning rates; the test split stays unseen
-        metrics["validation_score"], _ = score("after", "validation")
-    metrics["score"], metrics["score_samples"] = score("after")
-    log.info("score after training: %s=%.4f", task_cfg["metric"], metrics["score"])
-    if forgetting:
-        metrics["forgetting_loss_after"] = general_loss()
+
+def score_fine_tuned_model(evaluator: Evaluator, config: dict, metrics: dict) -> None:
+    """The fine-tuned model: validation (for choosing learning rates; the test split stays
+    unseen by that choice) and test scores, general-text loss and capability again."""
+    metric = config["task"]["metric"]
+    if config["eval"].get("validation"):
+        metrics["validation_score"], _ = evaluator.task("after", "validation")
+    metrics["score"], metrics["score_samples"] = evaluator.task("after")
+    log.info("score after training: %s=%.4f", metric, metrics["score"])
+    if evaluator.forgetting:
+        metrics["forgetting_loss_after"] = evaluator.general_loss()
         metrics["forgetting"] = metrics["forgetting_loss_after"] - metrics["forgetting_loss_before"]
         log.info("general-text loss after training: %.4f (forgetting %+.4f)", metrics["forgetting_loss_after"],
                  metrics["forgetting"])
-    if capability:
-        metrics["capability_after"] = capability_score("after")
+    if evaluator.capability:
+        metrics["capability_after"] = evaluator.capability_score("after")
         metrics["capability_change"] = metrics["capability_after"] - metrics["capability_before"]
-        log.info("capability (%s) after training: %.4f (change %+.4f)", capability["name"],
+        log.info("capability (%s) after training: %.4f (change %+.4f)", evaluator.capability["name"],
                  metrics["capability_after"], metrics["capability_change"])
-    metrics["adapter_bytes"] = adapter_bytes(model)
+
+
+def train_and_score(config: dict, device, metrics: dict, sampler, started: float, outcomes: list) -> None:
+    """Everything a job measures, filled into `metrics` as soon as it is known, and each
+    scored example's outcome appended to `outcomes`. `started` is when the job's process was
+    launched (time.time()); wall times are split into setup (process start, imports, model
+    load, data), training and evaluation."""
+    setup = prepare(config, device, metrics)
+    evaluator = Evaluator(config, setup, device, outcomes)
+    model = load(setup, config, device, sampler)
+    autocast, metrics["autocast_dtype"] = autocast_for(device, setup.tcfg["precision"])
+    evaluator.use(model, autocast)
+    score_base_model(evaluator, metrics)
+    model = with_method(model, setup, config, sampler, metrics)
+    evaluator.use(model, autocast)
+    if config["eval"]["before"]:
+        metrics["score_before"], _ = evaluator.task("before")
+        log.info("score before training: %s=%.4f", config["task"]["metric"], metrics["score_before"])
+    metrics["wall_eval_s"] = evaluator.seconds
+    optimizer = fine_tune(model, setup, config, device, autocast, sampler, metrics, started, evaluator.seconds)
+    training_metrics(model, optimizer, setup, device, metrics)
+    score_fine_tuned_model(evaluator, config, metrics)
+    metrics["wall_eval_s"] = evaluator.seconds
 
 
 def import_libraries() -> None:
@@ -470,13 +562,3 @@ def run_child(payload: dict, out_dir: str) -> None:
         print(f"error: {stop}", file=sys.stderr)
         sys.exit(UNWRITABLE_EXIT)
     sys.exit(1 if result["status"] in ("error", "cancelled") else 0)
-
-
-def main() -> None:
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m harness.job OUT_DIR  (resolved config as JSON on stdin)")
-    run_child(json.load(sys.stdin), sys.argv[1])
-
-
-if __name__ == "__main__":
-    main()

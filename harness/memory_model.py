@@ -3,7 +3,7 @@
 `predict(arch, method, ...)` takes a model's config.json fields (no weights), a method config
 (conf/method/*.yaml) and the training shape, and returns the predicted peak in MiB with its
 breakdown. The planner (`python -m harness.plan`) and every job (`metrics.predicted_memory`)
-use it. The terms, in bytes (`../shared/reference.md` gathers the sources):
+use it. The terms, in bytes, with their sources:
 
 weights      As stored. bf16 2 B and fp32 4 B per parameter. bitsandbytes quantizes the
              decoder's Linear weights only (not lm_head): LLM.int8 1 B per weight plus one
@@ -83,6 +83,10 @@ class UnsupportedModel(ValueError):
     """The memory model does not know this architecture."""
 
 
+class UnsupportedMethod(UnsupportedModel):
+    """The memory model does not know this method (a PEFT type or setting it does not model)."""
+
+
 # --------------------------------------------------------------------------- shapes
 
 
@@ -159,9 +163,9 @@ def adapter_params(shapes: dict, peft: dict | None, base_dtype: str = "bfloat16"
         return peft["num_virtual_tokens"] * shapes["hidden"], 0
     if kind == "PREFIX_TUNING":  # a key and a value per layer and virtual token (KV heads)
         if peft.get("prefix_projection"):
-            raise UnsupportedModel("prefix tuning with prefix_projection is not modelled")
+            raise UnsupportedMethod("prefix tuning with prefix_projection is not modelled")
         return peft["num_virtual_tokens"] * layers * 2 * shapes["kv_dim"], 0
-    raise UnsupportedModel(f"peft_type {kind!r} is not modelled")
+    raise UnsupportedMethod(f"peft_type {kind!r} is not modelled")
 
 
 def weight_bytes(shapes: dict, method: dict) -> dict:

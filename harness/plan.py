@@ -66,16 +66,20 @@ def plan(arch: dict, methods: list[dict], train: dict, gpus_gb) -> list[dict]:
     """One row per method: the prediction on a GPU for the `train` config's batch and sequence
     length, and for each GPU size whether it fits and the largest batch size that does."""
     kwargs = {"seq_len": train["seq_len"], **memory_model.training_setting(train, "cuda")}
-    rows = []
+    rows, unknown = [], []
     for method in methods:
-        p = memory_model.predict(arch, method, batch_size=train["batch_size"], **kwargs)
+        try:
+            p = memory_model.predict(arch, method, batch_size=train["batch_size"], **kwargs)
+        except memory_model.UnsupportedMethod as e:  # a method added without a model of its memory
+            unknown.append({"method": method["name"], "peak_mb": None, "not_modelled": str(e)})
+            continue
         row = {"method": method["name"], **p}
         for gb in gpus_gb:
             budget = gb * 1024 - memory_model.CUDA_CONTEXT_MB
             row[f"fits_{gb:g}"] = p["peak_mb"] <= budget
             row[f"max_batch_{gb:g}"] = memory_model.max_batch_size(arch, method, budget, **kwargs)
         rows.append(row)
-    return sorted(rows, key=lambda r: -r["peak_mb"])
+    return sorted(rows, key=lambda r: -r["peak_mb"]) + sorted(unknown, key=lambda r: r["method"])
 
 
 def format_table(rows: list[dict], gpus_gb) -> str:
@@ -83,7 +87,12 @@ def format_table(rows: list[dict], gpus_gb) -> str:
     head = ["method", "trainable", "peak GiB", "weights", "grads", "optim", "activ.", "logits+bwd", "other"]
     head += [f"{gb:g}GB" for gb in gpus_gb] + [f"max batch {gb:g}GB" for gb in gpus_gb]
     lines = [head]
+    notes = []
     for r in rows:
+        if r["peak_mb"] is None:
+            lines.append([r["method"]] + ["—"] * (len(head) - 1))
+            notes.append(f"{r['method']}: not modelled ({r['not_modelled']}); its jobs run, with no prediction")
+            continue
         other = r["autocast_copies_mb"] + r["overhead_mb"]
         lines.append([r["method"], f"{r['trainable_params']:,}", gib(r["peak_mb"]), gib(r["weights_mb"]),
                       gib(r["gradients_mb"]), gib(r["optimizer_mb"]), gib(r["activations_mb"]),
@@ -96,7 +105,7 @@ def format_table(rows: list[dict], gpus_gb) -> str:
         out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return "\n".join(out + notes)
 
 
 def parse_gpu_mem(text: str) -> tuple[float, ...]:

@@ -9,6 +9,7 @@ import weakref
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from conftest import REPO, compose, results_under, run_cli
 from harness import memory_model
@@ -260,6 +261,31 @@ def test_planner_orders_methods_and_says_what_fits_on_a_7b_model():
     for r in rows.values():  # a bigger GPU never fits a smaller batch
         assert r["max_batch_24"] <= r["max_batch_40"] <= r["max_batch_80"] <= r["max_batch_141"]
         assert r["fits_24"] == (r["max_batch_24"] >= 1)
+
+
+def test_a_method_the_memory_model_does_not_know_is_a_row_of_its_own_and_the_plan_goes_on(tmp_path):
+    """A method added as one YAML file with a PEFT type the memory model does not model (LoHa):
+    the planner shows it as not modelled, with the reason, and plans every other method."""
+    import shutil
+
+    loha = tmp_path / "conf" / "method" / "loha.yaml"
+    shutil.copytree(REPO / "conf", tmp_path / "conf")
+    loha.write_text("# LoHa: Hadamard product of two low-rank pairs.\nname: loha\nlr: 3e-3\nbase_dtype: bfloat16\n"
+                    "quantization: null\npeft: {peft_type: LOHA, r: 8, alpha: 16, target_modules: all-linear}\n"
+                    "optimizer: {name: adamw}\n")
+    from harness import plan
+
+    methods = [OmegaConf.to_container(OmegaConf.load(p), resolve=True)
+               for p in sorted((tmp_path / "conf" / "method").glob("*.yaml"))]
+    arch = json.loads((REPO / "harness/architectures/qwen2.5-0.5b.json").read_text())
+    train = compose(["train.batch_size=1", "train.seq_len=256"])["train"]
+    rows = plan.plan(arch, methods, train, (24,))
+    assert [r["method"] for r in rows][-1] == "loha" and rows[-1]["peak_mb"] is None
+    assert rows[-1]["not_modelled"] == "peft_type 'LOHA' is not modelled"
+    assert {r["method"] for r in rows[:-1]} == {m["name"] for m in methods} - {"loha"}
+    assert all(r["peak_mb"] > 0 for r in rows[:-1])
+    table = plan.format_table(rows, (24,))
+    assert "loha: not modelled (peft_type 'LOHA' is not modelled); its jobs run, with no prediction" in table
 
 
 def test_planner_table_with_custom_gpu_sizes():

@@ -372,6 +372,34 @@ def test_cli_baseline_option(sweep, tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
+def test_every_figure_keeps_its_labels_and_titles_inside_the_image(sweep):
+    """No axis label, tick label, title or legend of any figure is cut off at the image's edge
+    (a y-axis label once was): everything drawn lies inside the figure."""
+    from harness.report import figures
+    from harness.report.verdict import score_matrices, select_learning_rates
+
+    df, _ = select_learning_rates(collect([sweep]))
+    summary = summarize(df)
+    front = pareto_front(summary)
+    comparison = against_baseline(summary, score_matrices(df, pd.DataFrame()), "qlora")
+    made = {"forest": figures.forest_figure(comparison, summary, "QLoRA"),
+            "pareto": figures.pareto_figure(summary, front, "qlora"),
+            "speed": figures.speed_figure(summary, "qlora"),
+            "scaling": figures.scaling_figure(df, summary, "qlora"),
+            "memory_model": figures.memory_model_figure(df, summary, "qlora"),
+            "curves": figures.curves_figure(df, summary, "qlora")}
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    for name, fig in made.items():
+        canvas = FigureCanvasAgg(fig)  # as savefig draws it
+        canvas.draw()
+        drawn = fig.get_tightbbox(canvas.get_renderer())  # every artist drawn (inches)
+        width, height = fig.get_size_inches()
+        tolerance = 2 / fig.dpi  # two pixels
+        assert (drawn.x0 >= -tolerance and drawn.y0 >= -tolerance and drawn.x1 <= width + tolerance
+                and drawn.y1 <= height + tolerance), (name, drawn, (width, height))
+
+
 def test_build_report_without_results(tmp_path):
     with pytest.raises(ValueError, match="no result.json under"):
         build_report([tmp_path], tmp_path / "out")

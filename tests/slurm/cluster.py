@@ -1,8 +1,7 @@
 """A single-node SLURM cluster on 127.0.0.1 for tests (Debian's slurm packages, run as root).
 
-Recipe checked on Debian 12 / slurm 22.05 (see ../shared/slurm-single-node.md in the repo's
-neighbourhood): munged as the munge user, slurmctld and slurmd with their state, logs and PID
-files under a temporary folder; stopped by those PIDs.
+Recipe checked on Debian 12 / slurm 22.05: munged as the munge user, slurmctld and slurmd
+with their state, logs and PID files under a temporary folder; stopped by those PIDs.
 """
 
 from __future__ import annotations
