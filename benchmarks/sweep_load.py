@@ -91,18 +91,40 @@ def is_job(process: psutil.Process) -> bool:
         return False
 
 
-def reading(main: psutil.Process) -> dict:
+def reading(main: psutil.Process, wait_s: float = 5.0) -> dict:
     """RSS (MiB) and open descriptors of the launching process and of its long-lived helpers
-    (every process under it but the jobs and their short-lived children)."""
-    helpers = []
+    (every process under it but the jobs and their short-lived children), read between two
+    jobs: while a job runs, the processes hold its pipes, so that the count depends on the
+    moment. It looks every 10 ms for a moment with no job process alive (each job's end leaves
+    one, while the next is composed), for up to `wait_s` seconds, else takes the last look."""
+    end = time.monotonic() + wait_s
+    while True:
+        look = _look(main)
+        if look["jobs_running"] == 0 or time.monotonic() > end:
+            break
+        time.sleep(0.01)
+    for _ in range(5):  # a file opened and closed between jobs (a log, the progress file): the fewest
+        time.sleep(0.005)
+        again = _look(main)
+        if again["jobs_running"]:
+            break
+        look["main_fds"], look["helpers_fds"] = (min(look["main_fds"], again["main_fds"]),
+                                                 min(look["helpers_fds"], again["helpers_fds"]))
+    return look
+
+
+def _look(main: psutil.Process) -> dict:
+    helpers, jobs = [], 0
     for child in main.children(recursive=True):
         try:  # a job may end while it is looked at
-            if not is_job(child) and not any(is_job(p) for p in child.parents()):
+            if is_job(child):
+                jobs += 1
+            elif not any(is_job(p) for p in child.parents()):
                 helpers.append(child)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     out = {"main_rss_mib": main.memory_info().rss / 2**20, "main_fds": main.num_fds(),
-           "helpers_rss_mib": 0.0, "helpers_fds": 0, "helpers": 0}
+           "helpers_rss_mib": 0.0, "helpers_fds": 0, "helpers": 0, "jobs_running": jobs}
     for helper in helpers:
         try:
             out["helpers_rss_mib"] += helper.memory_info().rss / 2**20

@@ -68,8 +68,8 @@ def cpu_class() -> str:
     on CPUs of another vendor or with other matrix and vector units (the math libraries take
     other code paths and add in other orders over 800 steps), and so do the results of
     fine-tuning them. Vendor, then the unit the bf16 matrix products run on: amd-avx2 (AMD
-    Milan: bf16 runs in float32), amd-avx512-bf16 (AMD Genoa), intel-amx (Intel Sapphire
-    Rapids). Measured on one Sapphire Rapids: AMX turned off (ONEDNN_MAX_CPU_ISA) moved
+    Milan: bf16 runs in float32), amd-avx512-bf16 (AMD Genoa: no set recorded at 60 steps
+    yet), intel-amx (Intel Sapphire Rapids). Measured on one Sapphire Rapids: AMX turned off (ONEDNN_MAX_CPU_ISA) moved
     60-step losses by up to 1.8%, over the golden tolerance; AMD and Intel CPUs of the same
     vector unit pretrain different tiny models (first loss 1.48 against 1.30)."""
     import torch

@@ -12,12 +12,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import sweep_load  # noqa: E402
 
 
-@pytest.mark.slow  # 50 real jobs: run by .ci/run with -m slow
+@pytest.mark.slow  # 50 real jobs, read every 5 (descriptor counts vary with the moment: a floor over a third of them): run by .ci/run with -m slow
 def test_a_50_job_sweep_keeps_the_launcher_flat_and_leaves_nothing_running(tmp_path):
-    run = sweep_load.load(50, "default", tmp_path, every=10)
+    run = sweep_load.load(50, "default", tmp_path, every=5)
     assert run["exit_code"] == 0 and run["whole_results"] == run["result_files"] == run["report_rows"] == 50, run
     assert not run["processes_left"], run
-    assert len(run["readings"]) >= 3, run
+    assert len(run["readings"]) >= 8, run
     assert run["main_fd_growth"] <= 0 and run["helpers_fd_growth"] <= 0, run["readings"]
     assert run["helpers_rss_mib_per_100_jobs"] <= sweep_load.LEAK_MIB_PER_100_JOBS, run["readings"]
     # The launching process grew 14 MiB per 100 jobs until Hydra's kept copies of each job's

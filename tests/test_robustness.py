@@ -82,7 +82,7 @@ def test_force_reruns_a_complete_job(tmp_path):
 
     job = tmp_path / "job"
     job.mkdir()
-    result = json.loads((REPO / "tests" / "golden" / "amd-avx512-bf16" / "lora" / "result.json").read_text())
+    result = json.loads((REPO / "tests" / "golden" / "intel-amx" / "lora" / "result.json").read_text())
     # The hash of this code and the installed packages (the golden's own hash names the package
     # versions it was recorded with, which a newer release on the registry changes).
     wanted = result["config_hash"] = config_hash(result["config"])
@@ -101,7 +101,7 @@ def job_holding(tmp_path: Path, status: str | None, text: str | None = None) -> 
 
     job = tmp_path / "job"
     job.mkdir()
-    result = json.loads((REPO / "tests" / "golden" / "amd-avx512-bf16" / "lora" / "result.json").read_text())
+    result = json.loads((REPO / "tests" / "golden" / "intel-amx" / "lora" / "result.json").read_text())
     result.update(status=status, error=None if status in ("ok", None) else f"ended {status}",
                   config_hash=config_hash(result["config"]))
     (job / "result.json").write_text(text if text is not None else json.dumps(result))
@@ -127,7 +127,7 @@ def test_resume_reruns_a_torn_result_and_clears_a_killed_write(tmp_path):
     from harness.__main__ import prepare_folder
     from harness.results import config_hash
 
-    golden = json.loads((REPO / "tests" / "golden" / "amd-avx512-bf16" / "lora" / "result.json").read_text())
+    golden = json.loads((REPO / "tests" / "golden" / "intel-amx" / "lora" / "result.json").read_text())
     text = json.dumps(golden)
     job, _ = job_holding(tmp_path, None, text=text[: len(text) // 2])  # cut mid-write (no atomic rename)
     (job / ".result.json.x1.tmp").write_text(text[:100])
@@ -141,7 +141,7 @@ def test_resume_reruns_a_torn_result_and_clears_a_killed_write(tmp_path):
 def test_keys_outside_the_hash_keep_a_result_and_others_rerun_it():
     from harness.results import config_hash
 
-    config = json.loads((REPO / "tests" / "golden" / "amd-avx512-bf16" / "lora" / "result.json").read_text())["config"]
+    config = json.loads((REPO / "tests" / "golden" / "intel-amx" / "lora" / "result.json").read_text())["config"]
     base = config_hash(config)
     unhashed = [("report", {"enabled": False, "out": "/elsewhere"}), ("sweep_name", "other"), ("force", True)]
     for key, value in unhashed:
@@ -235,7 +235,7 @@ def result_folder(tmp: Path, text: str) -> Path:
 
 
 def foreign_result(tmp: Path) -> Path:
-    golden = json.loads((REPO / "tests" / "golden" / "amd-avx512-bf16" / "lora" / "result.json").read_text())
+    golden = json.loads((REPO / "tests" / "golden" / "intel-amx" / "lora" / "result.json").read_text())
     golden["schema_version"] = 99
     return result_folder(tmp, json.dumps(golden))
 
@@ -299,14 +299,14 @@ BAD_INPUT = [
     (R, lambda t: [str(t)], "no result.json under"),
     (R, lambda t: [str(result_folder(t, '{"schema_version": 2, "sta'))], "no readable result.json under"),
     (R, lambda t: [str(foreign_result(t))], "no readable result.json under"),
-    (R, lambda t: [str(REPO / "tests" / "golden" / "amd-avx512-bf16"), "--out", "/proc/harness-report"],
+    (R, lambda t: [str(REPO / "tests" / "golden" / "intel-amx"), "--out", "/proc/harness-report"],
      "output folder /proc/harness-report cannot be created"),
     (P, lambda t: [str(t / "nowhere")], "does not exist"),
     (P, lambda t: [str(t)], "no result.json under"),
     (P, lambda t: [str(result_folder(t, "not json"))], "is not a valid result (JSONDecodeError"),
     (P, lambda t: [str(foreign_result(t))], "is not a valid result (ValidationError: 99 is not one of [2, 3, 4, 5, 6, 7])"),
-    (P, lambda t: [str(REPO / "tests" / "golden" / "amd-avx512-bf16"), "--jobs", "0"], "--jobs 0: must be a positive integer"),
-    (P, lambda t: [str(REPO / "tests" / "golden" / "amd-avx512-bf16"), "--metrics", "loss"],
+    (P, lambda t: [str(REPO / "tests" / "golden" / "intel-amx"), "--jobs", "0"], "--jobs 0: must be a positive integer"),
+    (P, lambda t: [str(REPO / "tests" / "golden" / "intel-amx"), "--metrics", "loss"],
      "--metrics 'loss': allowed metrics are train_losses, score_before, score"),
     (PL, lambda t: ["model=qwen9"], "unknown model 'qwen9' (allowed: llama-3.1-8b"),
     (PL, lambda t: ["model=qwen2.5-7b", "train.batch_size=0"], "train.batch_size=0: must be a positive integer"),
