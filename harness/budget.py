@@ -14,18 +14,14 @@ compares them as if they were matched. `budget=default` (the default) changes no
 from __future__ import annotations
 
 import copy
-import math
 
 from omegaconf import OmegaConf
 
-from harness import memory_model
+from harness import memory_model, peft_types
 from harness.config import CONF_DIR, method_title
 
 BUDGETS = ("default", "params", "memory")
 REFERENCE = "qlora"  # the method sized to, unless the job's report.baseline names another
-# The size knob of each PEFT type: its key in the peft block (resize() scales alpha/target_r with it)
-KNOBS = {"LORA": "r", "ADALORA": "init_r", "VERA": "r", "PROMPT_TUNING": "num_virtual_tokens",
-         "PREFIX_TUNING": "num_virtual_tokens"}
 
 
 def reference_method(name: str = REFERENCE) -> dict:
@@ -33,20 +29,13 @@ def reference_method(name: str = REFERENCE) -> dict:
 
 
 def resize(method: dict, value: int) -> dict:
-    """A copy of `method` with its size knob set to `value`; LoRA's alpha follows the rank so
-    that its scale (alpha/r, or alpha/sqrt(r) with rsLoRA) stays the method's own, and
-    AdaLoRA's target rank keeps its ratio to the initial rank."""
+    """A copy of `method` with its size knob (harness/peft_types.py) set to `value`, and the
+    knob's companions kept in proportion (LoRA's alpha, AdaLoRA's target rank)."""
     peft = method["peft"]
-    knob = KNOBS[peft["peft_type"]]
+    kind = peft_types.TYPES[peft["peft_type"]]
     new = copy.deepcopy(method)
-    p = new["peft"]
-    old = peft[knob]
-    p[knob] = value
-    if peft["peft_type"] == "LORA" and "lora_alpha" in peft:
-        ratio = math.sqrt(value / old) if peft.get("use_rslora") else value / old
-        p["lora_alpha"] = peft["lora_alpha"] * ratio
-    if peft["peft_type"] == "ADALORA" and peft.get("target_r"):
-        p["target_r"] = max(1, round(peft["target_r"] * value / old))
+    new["peft"][kind.knob] = value
+    new["peft"].update(kind.rescale(peft, peft_types.size(peft), value))
     return new
 
 
@@ -64,12 +53,16 @@ def match(method: dict, arch: dict, budget: str, *, batch_size: int, seq_len: in
     if budget == "default":
         return method, info
     peft = method.get("peft") or {}
-    knob = KNOBS.get(peft.get("peft_type"))
+    kind = peft_types.TYPES.get(peft.get("peft_type"))
+    if peft and kind is None:
+        info["reason"] = f"{peft['peft_type']} is not modelled (harness/peft_types.py)"
+        return method, info
+    knob = kind.knob if kind else None
     if knob is None:
         what = "full fine-tuning" if not peft else f"{peft['peft_type']}"
         info["reason"] = f"{what} has no size knob"
         return method, info
-    info.update(knob=f"peft.{knob}", default=peft[knob])
+    info.update(knob=f"peft.{knob}", default=peft_types.size(peft))
     shapes = memory_model.layer_shapes(arch)
     title = method_title(reference)
     reference = reference_method(reference)

@@ -147,15 +147,13 @@ def training_flops(model, model_config, method: dict, examples: list[dict], devi
     """FLOPs per token, achieved TFLOP/s and MFU of this training (see harness/flops.py)."""
     import torch
 
-    from harness import flops
+    from harness import flops, peft_types
 
-    peft_cfg = method.get("peft") or {}
-    virtual = peft_cfg.get("num_virtual_tokens") or 0
+    prompt, prefix = peft_types.virtual_tokens(method.get("peft"))
     frozen, trainable = flops.matmul_weights(model)
     per_token = flops.training_flops_per_token(
         model_config, frozen, trainable, seq_len=sum(len(e["input_ids"]) for e in examples) / len(examples),
-        prompt_tokens=virtual if peft_cfg.get("peft_type") == "PROMPT_TUNING" else 0,
-        prefix_tokens=virtual if peft_cfg.get("peft_type") == "PREFIX_TUNING" else 0)
+        prompt_tokens=prompt, prefix_tokens=prefix)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return flops.utilization(per_token, tokens_per_s, name)
 

@@ -26,7 +26,7 @@ activations  What autograd saves for the backward pass, per token and layer (a L
              its output and an fp32 log-sum-exp per head, and the padding mask (no s*s score
              matrices; `attention="eager"` adds them); SwiGLU keeps the gate output, its SiLU
              and the up output (3 intermediate-size tensors). A Linear whose weight trains keeps
-             its bf16 input. Adapters add what they keep per target module (see ADAPTER_SAVES).
+             its bf16 input. Adapters add what they keep per target module (harness/peft_types.py).
              Virtual tokens: prompt tuning runs v more tokens through every layer; prefix
              tuning lengthens keys and values to s + v. Gradient checkpointing keeps only each
              layer's input, and recomputes one layer at a time in the backward pass.
@@ -49,6 +49,8 @@ on a CPU).
 """
 
 from __future__ import annotations
+
+from harness import peft_types
 
 MIB = 2**20
 
@@ -137,35 +139,23 @@ def targeted(shapes: dict, target_modules) -> list[tuple[str, int, int, bool]]:
 # --------------------------------------------------------------------------- parameters
 
 
+def peft_type(peft: dict) -> peft_types.PeftType:
+    """The table entry of a PEFT config's type (harness/peft_types.py)."""
+    kind = peft_types.TYPES.get(peft["peft_type"])
+    if kind is None:
+        raise UnsupportedMethod(f"peft_type {peft['peft_type']!r} is not modelled")
+    reason = kind.not_modelled(peft)
+    if reason:
+        raise UnsupportedMethod(f"{reason} is not modelled")
+    return kind
+
+
 def adapter_params(shapes: dict, peft: dict | None, base_dtype: str = "bfloat16") -> tuple[int, int]:
     """(trainable adapter parameters, frozen adapter buffers) of a PEFT config, whole model,
     on base weights of `base_dtype`."""
     if not peft:
         return 0, 0
-    kind, layers = peft["peft_type"], shapes["layers"]
-    mods = targeted(shapes, peft.get("target_modules"))
-    if kind == "LORA":
-        r = peft.get("r", 8)
-        per_layer = sum(r * (i + o) + (o if peft.get("use_dora") else 0) for _, i, o, _ in mods)
-        return layers * per_layer, 0
-    if kind == "ADALORA":  # P (r x in), Q (out x r), the singular values E (r), and the rank
-        r = peft.get("init_r", 12)  # count, a one-element parameter that comes out trainable when
-        count = 0 if base_dtype == "float32" else 1  # PEFT upcasts a half-precision model's adapters
-        return layers * sum(r * (i + o) + r + count for _, i, o, _ in mods), 0
-    if kind == "IA3":  # one scaling vector per module: of the input for feedforward modules
-        ff = set(peft.get("feedforward_modules") or [])
-        return layers * sum(i if name in ff else o for name, i, o, _ in mods), 0
-    if kind == "VERA":  # per module lambda_b (out) and lambda_d (r); shared random A and B
-        r = peft.get("r", 256)
-        max_in, max_out = max(i for _, i, _, _ in mods), max(o for _, _, o, _ in mods)
-        return layers * sum(o + r for _, _, o, _ in mods), r * max_in + max_out * r
-    if kind == "PROMPT_TUNING":
-        return peft["num_virtual_tokens"] * shapes["hidden"], 0
-    if kind == "PREFIX_TUNING":  # a key and a value per layer and virtual token (KV heads)
-        if peft.get("prefix_projection"):
-            raise UnsupportedMethod("prefix tuning with prefix_projection is not modelled")
-        return peft["num_virtual_tokens"] * layers * 2 * shapes["kv_dim"], 0
-    raise UnsupportedMethod(f"peft_type {kind!r} is not modelled")
+    return peft_type(peft).params(peft, shapes, targeted(shapes, peft.get("target_modules")), base_dtype)
 
 
 def weight_bytes(shapes: dict, method: dict) -> dict:
@@ -216,42 +206,6 @@ def optimizer_bytes(trainable: int, bytes_per_param: int, optimizer: str, larges
 
 # --------------------------------------------------------------------------- activations
 
-# Bytes an adapter module keeps per token for the backward pass, as multiples of its input
-# width (in), output width (out) and rank (r), with c the compute dtype's bytes. PEFT casts the
-# module input to the adapter's fp32; dropout then keeps its mask (CPU: an fp32 noise tensor;
-# CUDA: a bool mask), and the adapter's first matmul keeps its bf16 input.
-def adapter_saves(peft: dict, name: str, fan_in: int, fan_out: int, c: int, device: str) -> float:
-    kind = peft["peft_type"]
-    mask_bytes = 4 if device == "cpu" else 1
-    if kind in ("LORA", "ADALORA"):
-        r = peft.get("r", 8) if kind == "LORA" else peft.get("init_r", 12)
-        dropout = peft.get("lora_dropout", 0.0) or 0.0
-        saved = (mask_bytes * fan_in if dropout > 0 else 0) + c * fan_in + c * r
-        if kind == "ADALORA":  # divides the adapter's output by the rank count
-            saved += c * fan_out
-        if peft.get("use_dora"):  # rescales base and adapter outputs by the weight norm
-            saved += 2 * c * fan_out
-        return saved
-    if kind == "IA3":  # scales the fp32 input (feedforward) or the output
-        return 4 * fan_in if name in (peft.get("feedforward_modules") or []) else c * fan_out
-    if kind == "VERA":
-        r = peft.get("r", 256)
-        dropout = peft.get("vera_dropout", 0.0) or 0.0
-        return (mask_bytes * fan_in if dropout > 0 else 0) + c * fan_out + 2 * c * r
-    return 0.0
-
-
-def adapter_weight_saves(peft: dict, fan_in: int, fan_out: int, c: int) -> float:
-    """Weight-sized tensors an adapter module keeps for the backward pass, whatever the batch:
-    VeRA casts its slices of the shared random A (r x in) and B (out x r) to bf16 in every
-    module; DoRA with dropout recomputes the base output from a bf16 copy of the weight."""
-    if peft["peft_type"] == "VERA":
-        return c * peft.get("r", 256) * (fan_in + fan_out)
-    if peft["peft_type"] == "LORA" and peft.get("use_dora") and (peft.get("lora_dropout") or 0) > 0:
-        return c * fan_in * fan_out
-    return 0.0
-
-
 def layer_activation_bytes(shapes: dict, method: dict, *, tokens: float, seq: float, context: float,
                            compute_bytes: int, device: str, attention: str, padded: bool) -> float:
     """Bytes one decoder layer keeps for the backward pass, for `tokens` tokens in sequences of
@@ -285,12 +239,12 @@ def layer_activation_bytes(shapes: dict, method: dict, *, tokens: float, seq: fl
         gate_up_in = c * h * (casts_per_input or 2)
         per_token += qkv_in + gate_up_in + c * q_dim + c * inter  # + o_proj and down_proj inputs
     peft = method.get("peft")
-    if peft:
+    fixed = 0.0
+    if peft:  # what each adapter module keeps (harness/peft_types.py)
+        kind, mask = peft_type(peft), 4 if device == "cpu" else 1
         for name, fan_in, fan_out, _ in targeted(shapes, peft.get("target_modules")):
-            if peft["peft_type"] in ("LORA", "ADALORA", "IA3", "VERA"):
-                per_token += adapter_saves(peft, name, fan_in, fan_out, c, device)
-    fixed = sum(adapter_weight_saves(peft, i, o, c) for _, i, o, _ in targeted(shapes, peft.get("target_modules"))) \
-        if peft else 0.0
+            per_token += kind.saves(peft, name, fan_in, fan_out, c, mask)
+            fixed += kind.weight_saves(peft, fan_in, fan_out, c)
     return per_token * tokens + fixed
 
 
@@ -307,9 +261,7 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
     shapes = layer_shapes(arch)
     w = weight_bytes(shapes, method)
     peft = method.get("peft") or {}
-    virtual = peft.get("num_virtual_tokens") or 0
-    prompt = virtual if peft.get("peft_type") == "PROMPT_TUNING" else 0
-    prefix = virtual if peft.get("peft_type") == "PREFIX_TUNING" else 0
+    prompt, prefix = peft_types.virtual_tokens(peft)
     c = 2 if precision == "bf16" else (4 if method["base_dtype"] == "float32" else 2)
     seq = seq_len + prompt                 # positions each layer processes
     tokens = batch_size * seq
@@ -334,8 +286,8 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
         largest = max(largest, shapes["vocab"] * shapes["hidden"])
     optimizer_name = method.get("optimizer", {}).get("name", "adamw")
     optimizer = optimizer_bytes(trainable, tbytes, optimizer_name, largest)
-    if peft.get("peft_type") == "ADALORA":  # its rank allocator keeps three importance EMAs
-        optimizer += 3 * trainable * 4
+    if peft:  # e.g. AdaLoRA's rank allocator: three fp32 importance averages per parameter
+        optimizer += peft_type(peft).optimizer_extra_bytes * trainable
     # bf16 copies of fp32 weights that enter matmuls under autocast (kept for the backward)
     autocast_copies = 0.0
     if precision == "bf16":
@@ -343,7 +295,7 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
         if not peft and method["base_dtype"] == "float32":
             autocast_copies = 2 * (w["linear_weights"] + lm_head)
         else:
-            autocast_copies = 2 * trainable if peft.get("peft_type") in ("LORA", "ADALORA", "VERA") else 0
+            autocast_copies = 2 * trainable if peft and peft_type(peft).casts_weights else 0
             if method.get("quantization"):  # kbit prep leaves lm_head in fp32
                 autocast_copies += 2 * lm_head
     # dequantized weight of the layer being computed (bitsandbytes), forward or backward

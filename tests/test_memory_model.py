@@ -290,6 +290,50 @@ def test_a_method_the_memory_model_does_not_know_is_a_row_of_its_own_and_the_pla
     assert "loha: not modelled (peft_type 'LOHA' is not modelled); its jobs run, with no prediction" in table
 
 
+def test_the_peft_type_table_agrees_with_peft_and_covers_every_method_config():
+    """Each PEFT type a method config uses has an entry; its size knob is a field of PEFT's
+    config class for the type, with PEFT's own default."""
+    import dataclasses
+
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftType
+
+    from harness import peft_types
+
+    used = {yaml.safe_load(p.read_text())["peft"]["peft_type"] for p in (REPO / "conf/method").glob("*.yaml")
+            if yaml.safe_load(p.read_text()).get("peft")}
+    assert used <= set(peft_types.TYPES), used - set(peft_types.TYPES)
+    for name, kind in peft_types.TYPES.items():
+        fields = {f.name: f for f in dataclasses.fields(PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(name)])}
+        if kind.knob:
+            assert kind.knob in fields, (name, kind.knob)
+            default = fields[kind.knob].default
+            assert kind.knob_default == (None if default is dataclasses.MISSING else default), name
+
+
+def test_a_new_peft_type_is_one_entry_in_the_table(monkeypatch):
+    """LoHa taught to the harness by one PeftType entry: the memory model predicts it, the
+    planner plans it and budget=params sizes its rank, with nothing else changed."""
+    from harness import budget, peft_types, plan
+
+    def loha_params(peft, shapes, mods, base_dtype):  # two low-rank pairs per module
+        return shapes["layers"] * sum(2 * peft_types.size(peft) * (i + o) for _, i, o, _ in mods), 0
+
+    loha = {"name": "loha", "lr": 3e-3, "base_dtype": "bfloat16", "quantization": None,
+            "optimizer": {"name": "adamw"}, "peft": {"peft_type": "LOHA", "r": 16, "target_modules": "all-linear"}}
+    arch = json.loads((REPO / "harness/architectures/qwen2.5-0.5b.json").read_text())
+    with pytest.raises(memory_model.UnsupportedMethod, match="'LOHA' is not modelled"):
+        memory_model.predict(arch, loha, batch_size=1, seq_len=256)
+    monkeypatch.setitem(peft_types.TYPES, "LOHA", peft_types.PeftType(
+        loha_params, knob="r", knob_default=8, casts_weights=True,
+        saves=lambda peft, name, fan_in, fan_out, c, mask: c * fan_in + 4 * c * peft_types.size(peft)))
+    p = memory_model.predict(arch, loha, batch_size=1, seq_len=256)
+    assert p["trainable_params"] == 24 * 2 * 16 * (4 * 896 + 2 * (896 + 128) + 3 * (896 + 4864))
+    train = compose(["train.batch_size=1", "train.seq_len=256"])["train"]
+    assert plan.plan(arch, [loha], train, (24,))[0]["peak_mb"] == pytest.approx(p["peak_mb"], rel=0.01)
+    sized, info = budget.match(loha, arch, "params", batch_size=1, seq_len=256, reference="lora")
+    assert info["matched"] and sized["peft"]["r"] == 8  # LoRA's rank 16, in two pairs
+
+
 def test_planner_table_with_custom_gpu_sizes():
     run = plan_cli("model=llama-3.2-1b", "train.seq_len=1024", "--gpu-mem", "16,48")
     assert run.returncode == 0, run.stderr
