@@ -210,21 +210,6 @@ def check_writable(folder: Path, how_to_change: str) -> None:
                           f"choose another with {how_to_change}")
 
 
-def check_model_folder(key: str, folder: Path) -> None:
-    """A local model folder must have a readable config.json and safetensors weights."""
-    config = folder / "config.json"
-    try:
-        parsed = json.loads(config.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{key}={str(folder)!r}: config.json cannot be read as JSON ({type(e).__name__}); "
-                          "a model folder needs the config.json its model was saved with")
-    if not isinstance(parsed, dict) or "model_type" not in parsed:
-        raise ConfigError(f"{key}={str(folder)!r}: config.json has no model_type; it is not a transformers model config")
-    if not any(folder.glob("*.safetensors")):
-        raise ConfigError(f"{key}={str(folder)!r}: no *.safetensors weights (the harness loads safetensors "
-                          "only, never pickled .bin files); convert them or point at a folder that has them")
-
-
 def _get(cfg: dict, dotted: str):
     node = cfg
     for part in dotted.split("."):
@@ -291,41 +276,17 @@ def _tiny_architecture(cfg: dict) -> None:
 def validate(cfg: dict) -> None:
     """Check a resolved job config (plain dict); raise ConfigError on the first bad value: the
     keys of the schema, then the model, method, task, forgetting and capability blocks."""
-    from harness.models import INIT_CHOICES, PACKAGE_PREFIX, architectures, gguf_path, is_local_path
+    from harness.models import model_source
     from harness.tasks import check_local_folder
 
     schema.check(cfg)  # the top level, train, measure, eval and report (harness/schema.py)
 
-    name_or_path = _get(cfg, "model.name_or_path")
-    gguf = cfg["model"].get("gguf_file")
-    if gguf is not None and (not isinstance(gguf, str) or not gguf.endswith(".gguf") or not name_or_path):
-        raise ConfigError(f"model.gguf_file={gguf!r}: give the name of a .gguf file inside model.name_or_path "
-                          "(a folder, package:NAME or a Hub id), or null")
-    if gguf and cfg["model"].get("init") != "random":
-        if name_or_path.startswith(PACKAGE_PREFIX) or is_local_path(name_or_path):
-            gguf_path(cfg["model"])  # the package, the folder and the file exist
-    elif name_or_path and name_or_path.startswith(PACKAGE_PREFIX):
-        raise ConfigError(f"model.name_or_path={name_or_path!r}: a package is a source of GGUF files; "
-                          "set model.gguf_file")
-    elif name_or_path and is_local_path(name_or_path) and cfg["model"].get("init") != "random":
-        folder = Path(name_or_path).expanduser()
-        if not folder.is_dir():
-            raise ConfigError(
-                f"model.name_or_path={name_or_path!r}: no such model folder (a folder with config.json, "
-                "or a Hugging Face id like 'org/name')"
-            )
-        check_model_folder("model.name_or_path", folder)
-    init = cfg["model"].get("init", "pretrained")
-    if init not in INIT_CHOICES:
-        raise ConfigError(f"model.init={init!r}: allowed values are {', '.join(INIT_CHOICES)}")
-    tiny = not name_or_path and cfg["model"].get("tiny")
-    if init == "random" and not tiny and cfg["model"].get("architecture") not in architectures():
-        raise ConfigError(f"model.init=random needs model.architecture, one of {', '.join(architectures())} "
-                          f"(got {cfg['model'].get('architecture')!r})")
+    _get(cfg, "model.name_or_path")
+    source = model_source(cfg["model"])  # where the model comes from, and that it is there
+    tiny = source.kind == "tiny"
     if tiny:
         _tiny_architecture(cfg)
-    if not name_or_path and init == "pretrained":
-        _get(cfg, "model.tiny")
+    if tiny and source.pretrained:
         for key in ("steps", "batch_size", "texts", "max_operand"):
             _positive_int(cfg, f"model.tiny.pretrain.{key}")
         _positive_int(cfg, "model.tiny.pretrain.seed", minimum=0)

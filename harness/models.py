@@ -18,6 +18,7 @@ import random
 import shutil
 import socket
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import ConfigError, one_line
@@ -52,29 +53,122 @@ def architectures() -> list[str]:
     return sorted(p.stem for p in ARCHITECTURES_DIR.glob("*.json"))
 
 
-def resolve_model_source(model_cfg: dict) -> str:
-    """The folder or Hub id to load: for the tiny models, their built folder (pretrained, or
-    with `init: random` not); for a real architecture with `init: random`, a checkpoint with
-    random weights built from its shipped config; for a GGUF file (`gguf_file`), its converted
-    safetensors checkpoint. Builds what is not in the cache yet."""
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from, decided from its config alone (no torch, no download):
+
+    tiny    no name_or_path and a `tiny` block: a tiny Llama built here (pretrained, or not)
+    gguf    a GGUF file (`gguf_file`) in a folder, an installed package or a Hub repository,
+            converted once into a safetensors checkpoint
+    random  `init: random`: a shipped architecture's checkpoint with random weights
+    folder  a local model folder
+    hub     a Hub id
+    """
+
+    kind: str
+    name_or_path: str | None = None   # folder, hub; gguf: where its file is
+    architecture: dict | None = None  # config.json fields known without loading or building
+    tiny: dict | None = None
+    pretrained: bool = True           # tiny: with its pretraining
+    gguf: Path | None = None          # the GGUF file, when it is local (or already downloaded)
+
+    def folder(self) -> Path | None:
+        """The folder the model loads from (built into the cache for tiny, gguf and random);
+        None for a Hub id, and for a Hub GGUF file not downloaded yet."""
+        if self.kind == "tiny":
+            return tiny_cache_dir(self.tiny, self.pretrained)
+        if self.kind == "random":
+            return random_cache_dir(self.architecture, 0)
+        if self.kind == "gguf":
+            return gguf_cache_dir(self.gguf) if self.gguf else None
+        return Path(self.name_or_path).expanduser() if self.kind == "folder" else None
+
+    @property
+    def built(self) -> bool:
+        """True when nothing needs building before a job loads it."""
+        if self.kind in ("folder", "hub"):
+            return True
+        folder = self.folder()
+        return folder is not None and (folder / "config.json").is_file()
+
+
+def model_source(model_cfg: dict) -> ModelSource:
+    """Decide where `model_cfg`'s model comes from, checking what can be checked without
+    loading it; a bad value raises ConfigError naming the key and what is allowed. Jobs, the
+    launcher, the planner and config validation all ask this one function."""
     name_or_path = model_cfg.get("name_or_path")
     init = model_cfg.get("init", "pretrained")
-    if not name_or_path and model_cfg.get("tiny"):
-        return str(build_tiny_model(model_cfg["tiny"], pretrained=init == "pretrained"))
-    if model_cfg.get("gguf_file") and init != "random":
-        return str(build_gguf_model(gguf_path(model_cfg)))
+    if init not in INIT_CHOICES:
+        raise ConfigError(f"model.init={init!r}: allowed values are {', '.join(INIT_CHOICES)}")
+    shipped = model_cfg.get("architecture")
+    if shipped is not None and shipped not in architectures():
+        raise ConfigError(f"model.architecture={shipped!r}: not a shipped architecture (allowed: "
+                          f"{', '.join(architectures())}; files in {ARCHITECTURES_DIR})")
+    architecture = json.loads((ARCHITECTURES_DIR / f"{shipped}.json").read_text()) if shipped else None
+    gguf = model_cfg.get("gguf_file")
+    if gguf is not None and (not isinstance(gguf, str) or not gguf.endswith(".gguf") or not name_or_path):
+        raise ConfigError(f"model.gguf_file={gguf!r}: give the name of a .gguf file inside model.name_or_path "
+                          "(a folder, package:NAME or a Hub id), or null")
+    if name_or_path is not None and (not isinstance(name_or_path, str) or not name_or_path):
+        raise ConfigError(f"model.name_or_path={name_or_path!r}: give a Hub id ('org/name'), a local folder, "
+                          "or null for a model with a `tiny` block")
+
+    tiny = model_cfg.get("tiny")
+    if not name_or_path and tiny:
+        built = tiny_cache_dir(tiny, pretrained=False) / "config.json"
+        arch = json.loads(built.read_text()) if built.is_file() else \
+            {"model_type": "llama", **{k: v for k, v in tiny.items() if k not in ("seed", "pretrain")}}
+        return ModelSource("tiny", architecture=arch, tiny=tiny, pretrained=init == "pretrained")
     if init == "random":
-        arch = json.loads((ARCHITECTURES_DIR / f"{model_cfg['architecture']}.json").read_text())
-        return str(build_random_model(arch, seed=0))
+        if architecture is None:
+            raise ConfigError(f"model.init=random needs model.architecture, one of {', '.join(architectures())}")
+        return ModelSource("random", name_or_path, architecture)
+    if not name_or_path:
+        raise ConfigError("model.name_or_path: missing; give a Hub id ('org/name') or a local folder, or a "
+                          "`tiny` block to build a tiny model here")
+    if gguf:
+        local = name_or_path.startswith(PACKAGE_PREFIX) or is_local_path(name_or_path)
+        path = gguf_path(model_cfg) if local else gguf_path(model_cfg, download=False)
+        return ModelSource("gguf", name_or_path, architecture, gguf=path)
+    if name_or_path.startswith(PACKAGE_PREFIX):
+        raise ConfigError(f"model.name_or_path={name_or_path!r}: a package is a source of GGUF files; "
+                          "set model.gguf_file")
     if is_local_path(name_or_path):
         folder = Path(name_or_path).expanduser()
-        if not (folder / "config.json").is_file():
-            raise ConfigError(
-                f"model.name_or_path={name_or_path!r}: no such model folder (a folder with "
-                "config.json, or a Hugging Face id like 'org/name')"
-            )
-        return str(folder)
-    return name_or_path
+        if not folder.is_dir():
+            raise ConfigError(f"model.name_or_path={name_or_path!r}: no such model folder (a folder with "
+                              "config.json, or a Hugging Face id like 'org/name')")
+        check_model_folder("model.name_or_path", folder)
+        return ModelSource("folder", name_or_path, architecture or json.loads((folder / "config.json").read_text()))
+    return ModelSource("hub", name_or_path, architecture)
+
+
+def check_model_folder(key: str, folder: Path) -> None:
+    """A local model folder must have a readable config.json and safetensors weights."""
+    config = folder / "config.json"
+    try:
+        parsed = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}={str(folder)!r}: config.json cannot be read as JSON ({type(e).__name__}); "
+                          "a model folder needs the config.json its model was saved with")
+    if not isinstance(parsed, dict) or "model_type" not in parsed:
+        raise ConfigError(f"{key}={str(folder)!r}: config.json has no model_type; it is not a transformers model config")
+    if not any(folder.glob("*.safetensors")):
+        raise ConfigError(f"{key}={str(folder)!r}: no *.safetensors weights (the harness loads safetensors "
+                          "only, never pickled .bin files); convert them or point at a folder that has them")
+
+
+def resolve_model_source(model_cfg: dict) -> str:
+    """The folder or Hub id to load, building (once, into the cache) what needs building: a
+    tiny model, a GGUF file's checkpoint, a random-weight checkpoint (see model_source)."""
+    source = model_source(model_cfg)
+    if source.kind == "tiny":
+        return str(build_tiny_model(source.tiny, pretrained=source.pretrained))
+    if source.kind == "gguf":
+        return str(build_gguf_model(source.gguf or gguf_path(model_cfg)))
+    if source.kind == "random":
+        return str(build_random_model(source.architecture, seed=0))
+    return source.name_or_path if source.kind == "hub" else str(source.folder())
 
 
 # --------------------------------------------------------------------------- GGUF files
@@ -206,29 +300,22 @@ def without_pretrain(tiny_cfg: dict) -> dict:
 
 def is_built(model_cfg: dict) -> bool:
     """True when the model needs no building (a Hub id or folder, or already in the cache)."""
-    name_or_path, init = model_cfg.get("name_or_path"), model_cfg.get("init", "pretrained")
-    if not name_or_path and model_cfg.get("tiny"):
-        return (tiny_cache_dir(model_cfg["tiny"], init == "pretrained") / "config.json").is_file()
-    if model_cfg.get("gguf_file") and init != "random":
-        path = gguf_path(model_cfg, download=False)
-        return path is not None and (gguf_cache_dir(path) / "config.json").is_file()
-    return init != "random" or (random_cache_dir(
-        json.loads((ARCHITECTURES_DIR / f"{model_cfg['architecture']}.json").read_text()), 0) / "config.json").is_file()
+    return model_source(model_cfg).built
 
 
 def what_is_built(model_cfg: dict) -> str:
     """One line for the log: what building `model_cfg` into the cache does, and why."""
-    name, init = model_cfg.get("name"), model_cfg.get("init", "pretrained")
+    source, name = model_source(model_cfg), model_cfg.get("name")
     why = "once, into the cache, before its first job, so that no job's time or memory includes it"
-    if not model_cfg.get("name_or_path") and model_cfg.get("tiny"):
-        tiny = model_cfg["tiny"]
-        if init == "pretrained":
+    if source.kind == "tiny":
+        tiny = source.tiny
+        if source.pretrained:
             steps = tiny["pretrain"]["steps"]
             return (f"building model {name}: a tiny Llama trained here ({tiny['num_hidden_layers']} layers, hidden "
                     f"size {tiny['hidden_size']}; its tokenizer, then {steps} pretraining steps on a synthetic corpus, "
                     f"no download), {why}; progress below")
         return f"building model {name}: a tiny Llama with random weights, {why}"
-    if model_cfg.get("gguf_file") and init != "random":
+    if source.kind == "gguf":
         return (f"building model {name}: converting {model_cfg['gguf_file']} into a safetensors checkpoint that "
                 f"every job loads like any other, {why}")
     return (f"building model {name}: a {model_cfg.get('architecture')} checkpoint with random weights (no download), "

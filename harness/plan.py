@@ -35,26 +35,23 @@ DEFAULT_GPUS_GB = (24, 40, 80, 141)
 
 
 def architecture_of(model_cfg: dict) -> dict:
-    """The config.json fields of a model, without loading it: a shipped architecture, a
-    local folder's config.json, or a tiny model's config (its built folder's, if built)."""
-    from harness.models import ARCHITECTURES_DIR, is_local_path, tiny_cache_dir
+    """The config.json fields of a model, without loading it (harness/models.py:model_source):
+    a shipped architecture, a local folder's config.json, or a tiny model's config."""
+    from harness.models import model_source
 
-    if model_cfg.get("architecture"):
-        return json.loads((ARCHITECTURES_DIR / f"{model_cfg['architecture']}.json").read_text())
-    name_or_path = model_cfg.get("name_or_path")
-    if not name_or_path:
-        built = tiny_cache_dir(model_cfg["tiny"], pretrained=False) / "config.json"
-        if built.is_file():
-            return json.loads(built.read_text())
-        return {"model_type": "llama", **{k: v for k, v in model_cfg["tiny"].items() if k not in ("seed", "pretrain")}}
-    if is_local_path(name_or_path):
-        path = Path(name_or_path).expanduser() / "config.json"
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"model.name_or_path={name_or_path!r}: cannot read {path} ({e})")
-    raise ConfigError(f"model {model_cfg['name']!r} names the Hub id {name_or_path!r} and no architecture; "
-                      "the planner reads config files only: point model.name_or_path at a local copy")
+    source = model_source(model_cfg)
+    if source.architecture is not None:
+        return source.architecture
+    folder = source.folder()
+    if folder is not None and (folder / "config.json").is_file():  # a GGUF file converted already
+        return json.loads((folder / "config.json").read_text())
+    if source.kind == "gguf":
+        raise ConfigError(f"model {model_cfg['name']!r}: the GGUF file {model_cfg['gguf_file']!r} is not converted "
+                          "yet and no model.architecture is set; the planner reads config files only: run one job "
+                          "first, or set model.architecture")
+    raise ConfigError(f"model {model_cfg['name']!r} names the Hub id {source.name_or_path!r} and no "
+                      "model.architecture; the planner reads config files only: point model.name_or_path at a "
+                      "local copy, or set model.architecture")
 
 
 def load_methods() -> list[dict]:

@@ -55,6 +55,46 @@ def test_tokenized_examples_train_on_the_answer_only(model_cache):
     assert dropped == 300
 
 
+def test_one_resolver_says_where_every_shipped_model_comes_from_without_torch(tmp_path):
+    """harness.models.model_source decides every model's source (tiny, GGUF, random weights,
+    folder, Hub) from its config alone: no torch import, no download, no build."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    (folder / "model.safetensors").write_bytes(b"")
+    code = f"""
+import json, sys
+from pathlib import Path
+from omegaconf import OmegaConf
+from harness.models import model_source
+kinds = {{}}
+for p in sorted(Path("conf/model").glob("*.yaml")):
+    cfg = OmegaConf.to_container(OmegaConf.load(p))
+    if p.stem == "path":
+        cfg["name_or_path"] = {str(folder)!r}
+    s = model_source(cfg)
+    kinds[p.stem] = [s.kind, (s.architecture or {{}}).get("model_type")]
+    if p.stem == "qwen2.5-0.5b":
+        s = model_source({{**cfg, "init": "random"}})
+        kinds["random"] = [s.kind, s.architecture["model_type"], s.folder().parent.name, s.built in (True, False)]
+print(json.dumps(kinds))
+assert "torch" not in sys.modules, "torch imported"
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    kinds = json.loads(proc.stdout)
+    assert kinds["tiny-1m"] == ["tiny", "llama"] and kinds["tiny-13m"] == ["tiny", "llama"]
+    assert kinds["smollm2-135m-gguf"] == ["gguf", "llama"]  # its shipped architecture, for the planner
+    assert kinds["qwen2.5-7b"] == ["hub", "qwen2"] and kinds["llama-3.1-8b"] == ["hub", "llama"]
+    assert kinds["path"] == ["folder", "llama"]  # the folder's own config.json
+    assert kinds["random"] == ["random", "qwen2", "random-models", True]
+
+
 def test_length_grouped_batches_cover_each_epoch_and_group_lengths():
     from itertools import islice
 

@@ -282,6 +282,10 @@ BAD_INPUT = [
      "config.json cannot be read as JSON"),
     (H, lambda t: ["model=path", f"model.name_or_path={broken_model_folder(t, weights=False)}"],
      "no *.safetensors weights (the harness loads safetensors only"),
+    (H, lambda t: ["model=qwen2.5-0.5b", "model.architecture=qwen9"],
+     "model.architecture='qwen9': not a shipped architecture (allowed: llama-3.1-8b"),
+    (H, lambda t: ["model=qwen2.5-0.5b", "~model.architecture", "model.init=random"],
+     "model.init=random needs model.architecture, one of llama-3.1-8b"),
     (H, lambda t: ["model.tiny.hidden_size=250"],  # once: the model build hung on it
      "model.tiny.hidden_size=250: must be an even multiple of model.tiny.num_attention_heads=4"),
     (H, lambda t: ["model.tiny.num_key_value_heads=3"],
@@ -318,7 +322,9 @@ BAD_INPUT = [
     (PL, lambda t: ["--gpu-mem=lots"], "--gpu-mem='lots': give GPU memory sizes in GB, positive numbers"),
     (PL, lambda t: ["model=path", "model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': no such model folder"),
     (PL, lambda t: ["model=path", "model.name_or_path=someorg/somemodel"],
-     "names the Hub id 'someorg/somemodel' and no architecture"),
+     "names the Hub id 'someorg/somemodel' and no model.architecture"),
+    (PL, lambda t: ["model=qwen2.5-0.5b", "model.architecture=qwen9"],  # once: a traceback here
+     "model.architecture='qwen9': not a shipped architecture (allowed: llama-3.1-8b"),
     (PL, lambda t: ["model=path", f"model.name_or_path={broken_model_folder(t, config=GPT2)}"],
      "cannot plan for this model: model_type 'gpt2' (the memory model knows: llama, mistral, qwen2, qwen3)"),
 ]
