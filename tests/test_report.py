@@ -400,6 +400,65 @@ def test_every_figure_keeps_its_labels_and_titles_inside_the_image(sweep):
                 and drawn.y1 <= height + tolerance), (name, drawn, (width, height))
 
 
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+# Put in a copy of the page: when the page has loaded, the title lists each image (source,
+# loaded, natural width, its place on the page) and the page's size
+PROBE = """<script>window.addEventListener("load", () => { document.title = "PROBE " + JSON.stringify({
+  images: Array.from(document.images, i => { const r = i.getBoundingClientRect();
+    return [i.getAttribute("src"), i.complete && i.naturalWidth > 0, r.left + scrollX, r.top + scrollY]; }),
+  size: [document.documentElement.scrollWidth, document.documentElement.scrollHeight]}); });</script>"""
+
+
+def test_the_committed_report_renders_in_a_real_browser(tmp_path):
+    """reports/ci/index.html in headless Chromium (Debian's package; .ci/run installs it):
+    every figure loads, and the screenshot shows each figure's PNG at its place, pixel for
+    pixel, with text around them (not a blank page)."""
+    import os
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    browser = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("no Chromium (apt-get install chromium), and CI=1 is set: this check must run in CI")
+        pytest.skip("no Chromium here (Debian: apt-get install chromium): the page is not looked at in a browser")
+    page = tmp_path / "ci"
+    shutil.copytree(REPO / "reports" / "ci", page)
+    html = page / "index.html"
+    html.write_text(html.read_text().replace("</body>", PROBE + "</body>"))
+    figures = {p.name for p in (REPO / "reports" / "ci").glob("*.png")}
+
+    def chromium(*args, width=1280, height=1000) -> str:
+        proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                               "--force-device-scale-factor=1", f"--window-size={width},{height}",
+                               "--virtual-time-budget=10000", *args, html.as_uri()],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    title = chromium("--dump-dom").split("<title>PROBE ", 1)[1].split("</title>", 1)[0]
+    probe = json.loads(title.replace("&quot;", '"'))
+    assert {src for src, *_ in probe["images"]} == figures  # every figure is on the page
+    assert all(loaded for _, loaded, *_ in probe["images"]), probe["images"]
+    width, height = probe["size"]
+    chromium(f"--screenshot={tmp_path / 'page.png'}", width=width, height=height)
+    shot = np.asarray(Image.open(tmp_path / "page.png").convert("RGB"), dtype=np.int16)
+    assert shot.shape[:2] == (height, width)
+    for src, _, left, top in probe["images"]:
+        figure = np.asarray(Image.open(page / src).convert("RGB"), dtype=np.int16)
+        h, w = figure.shape[:2]
+        # the figure's pixels where the browser drew it (a 1 px border, a fraction of a pixel)
+        best = min(np.abs(shot[y:y + h, x:x + w] - figure).mean()
+                   for x in range(round(left), round(left) + 3) for y in range(round(top) - 1, round(top) + 3)
+                   if shot[y:y + h, x:x + w].shape == figure.shape)
+        assert best < 1.0, (src, best)
+    above = shot[: round(min(top for *_, top in probe["images"]))]
+    dark = (above.max(axis=2) < 128).mean()  # text: the title, the verdicts table, captions
+    assert dark > 0.01, dark
+
+
 def test_build_report_without_results(tmp_path):
     with pytest.raises(ValueError, match="no result.json under"):
         build_report([tmp_path], tmp_path / "out")
