@@ -14,7 +14,6 @@ from omegaconf import OmegaConf
 from conftest import REPO, compose, results_under, run_cli
 from harness import memory_model
 
-CORE = ["qlora", "lora8", "lora", "adalora", "prompt", "prefix", "full"]
 # every method config that can run on a CPU (those without `requires_cuda`)
 CPU_METHODS = sorted(p.stem for p in (REPO / "conf/method").glob("*.yaml")
                      if not yaml.safe_load(p.read_text()).get("requires_cuda"))
@@ -74,7 +73,7 @@ class LiveTensorBytes:
         return self.mode.__exit__(*exc)
 
 
-@pytest.mark.parametrize("method", CORE + ["dora", "ia3", "vera"])
+@pytest.mark.parametrize("method", CPU_METHODS)
 def test_predicted_step_memory_matches_the_tensors_pytorch_holds(method, model_cache):
     """One training step's new tensors (activations, logits, gradients, temporaries) at
     their peak, tracked op by op, against the model's forward/backward and step terms."""
