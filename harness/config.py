@@ -72,13 +72,33 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def hydra_argument_parser():
+    """Hydra's command-line flags (those of `@hydra.main`; tests/test_cli.py checks this list
+    against Hydra's own parser), to read a command line before Hydra runs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("overrides", nargs="*")
+    for flags in (("--help", "-h"), ("--hydra-help",), ("--version",), ("--resolve",), ("--run", "-r"),
+                  ("--multirun", "-m"), ("--shell-completion", "-sc")):
+        parser.add_argument(*flags, action="store_true")
+    for flags in (("--cfg", "-c"), ("--package", "-p"), ("--config-path", "-cp"), ("--config-name", "-cn"),
+                  ("--config-dir", "-cd"), ("--experimental-rerun",)):
+        parser.add_argument(*flags)
+    parser.add_argument("--info", "-i", nargs="?", const="all")
+    return parser
+
+
+def hydra_arguments(argv: list[str]):
+    return hydra_argument_parser().parse_known_args(argv)[0]
+
+
 def check_group_choices(argv: list[str]) -> None:
     """Unknown `model=`/`method=`/`task=`/`sweep=`/`forgetting=` options on the command line, sweeps included."""
-    from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
-    args, _ = get_args_parser().parse_known_args(argv)
+    args = hydra_arguments(argv)
     if args.config_dir or args.config_path:  # the user brings other config folders
         return
     try:
@@ -142,11 +162,10 @@ def compose_jobs(argv: list[str]) -> list[dict]:
     values, so that every value a sweep will run is checked without composing its whole grid.
     Unknown keys and malformed overrides get one line, and the output folder must be writable."""
     from hydra import compose, initialize_config_dir
-    from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    args, _ = get_args_parser().parse_known_args(argv)
+    args = hydra_arguments(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion or args.config_dir or args.config_path:
         return []
     parser = OverridesParser.create()

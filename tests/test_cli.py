@@ -171,3 +171,21 @@ def test_named_sweep_with_command_line_overrides(tmp_path):
     assert (result["model"], result["method"], result["seed"]) == ("tiny-1m", "lora", 3)
     assert result["config"]["sweep_name"] == "ci" and result["config"]["train"]["max_steps"] == 4
     assert (tmp_path / "reports" / "ci" / "index.html").is_file()  # a named sweep's report
+
+
+def test_the_harness_reads_hydras_flags_as_hydra_does():
+    """The checks that run before Hydra read the command line with every flag of Hydra's own
+    parser, each taking a value (or an optional one) as in Hydra."""
+    from hydra._internal.utils import get_args_parser  # here only: a new Hydra's flags fail this test
+
+    from harness.config import hydra_argument_parser, hydra_arguments
+
+    def flags(parser):
+        return {(s, 0 if a.nargs is None and not a.option_strings else a.nargs,
+                 a.nargs == 0 or type(a).__name__ in ("_StoreTrueAction", "_VersionAction"))
+                for a in parser._actions for s in a.option_strings}
+
+    assert flags(get_args_parser()) == flags(hydra_argument_parser())
+    args = hydra_arguments(["-m", "-cn", "other", "method=lora,qlora", "seed=1", "--info"])
+    assert args.multirun and args.config_name == "other" and args.info == "all"
+    assert args.overrides == ["method=lora,qlora", "seed=1"]
