@@ -197,7 +197,7 @@ def test_single_forward_choice_scoring_equals_per_choice_scoring_on_the_real_mod
     from harness.models import build_gguf_model, gguf_path, load_model, load_tokenizer
     from harness.tasks import load_task
 
-    config = compose(GGUF + BOOLQ + ["task.n_test=50"])
+    config = compose(GGUF + BOOLQ + ["task.n_test=16"])
     folder = str(build_gguf_model(gguf_path(config["model"])))
     tokenizer = load_tokenizer(folder, None)
     model = load_model(folder, None, dtype=torch.float32, quantization=None, device="cpu")
@@ -211,7 +211,7 @@ def test_single_forward_choice_scoring_equals_per_choice_scoring_on_the_real_mod
                                              pad_id=tokenizer.pad_token_id, batch_size=8, device="cpu")
     per_choice = evaluation.per_choice_loglikelihoods(model, prompt_ids, choice_ids, pad_id=tokenizer.pad_token_id,
                                                       batch_size=8, device="cpu")
-    assert fast == single and len(per_choice) == 50  # one-token choices take the single-forward path
+    assert fast == single and len(per_choice) == 16  # one-token choices take the single-forward path
     answers = lambda scores: [max((0, 1), key=s.__getitem__) for s in scores]  # noqa: E731
     assert answers(single) == answers(per_choice)
     assert [x for s in single for x in s] == pytest.approx([x for s in per_choice for x in s], abs=1e-3)
