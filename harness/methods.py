@@ -113,7 +113,7 @@ def peft_config(method_cfg: dict, max_steps: int):
     return config
 
 
-OPTIMIZER_KEYS = ("name", "betas", "eps")
+OPTIMIZER_KEYS = ("name", "betas", "eps", "loraplus_lr_ratio")
 
 
 def check_settings(method_cfg: dict, train_cfg: dict) -> None:
@@ -130,6 +130,13 @@ def check_settings(method_cfg: dict, train_cfg: dict) -> None:
     for key in optimizer:
         if key not in OPTIMIZER_KEYS:
             raise ConfigError(f"method.optimizer.{key}: not an optimizer setting (allowed: {', '.join(OPTIMIZER_KEYS)})")
+    ratio = optimizer.get("loraplus_lr_ratio")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 1):
+        raise ConfigError(f"method.optimizer.loraplus_lr_ratio={ratio!r}: must be a number >= 1 (LoRA+: B's "
+                          "learning rate over A's), or null")
+    if ratio is not None and (method_cfg.get("peft") or {}).get("peft_type") != "LORA":
+        raise ConfigError(f"method.optimizer.loraplus_lr_ratio: LoRA+ needs a LoRA method (peft_type LORA), not "
+                          f"{(method_cfg.get('peft') or {}).get('peft_type') or 'full fine-tuning'}")
     lr = train_cfg["lr"] * train_cfg["lr_scale"]
     try:
         make_optimizer(torch.nn.Linear(1, 1), optimizer, lr, train_cfg["weight_decay"], train_cfg["adamw_impl"])
@@ -192,22 +199,29 @@ ADAMW_IMPLS = {"default": {}, "forloop": {"foreach": False}, "foreach": {"foreac
 
 def make_optimizer(model, optimizer_cfg: dict, lr: float, weight_decay: float, adamw_impl: str = "default"):
     """The method's optimizer. `adamw_impl` picks torch AdamW's implementation; bitsandbytes'
-    8-bit optimizers have one implementation each and ignore it (see `adamw_impl_used`)."""
+    8-bit optimizers have one implementation each and ignore it (see `adamw_impl_used`). With
+    `loraplus_lr_ratio`, LoRA+ (PEFT's create_loraplus_optimizer): LoRA's B matrices learn
+    that many times faster than its A matrices."""
     import torch
 
-    params = [p for p in model.parameters() if p.requires_grad]
     name = optimizer_cfg["name"]
-    betas = tuple(optimizer_cfg.get("betas", (0.9, 0.999)))
-    eps = optimizer_cfg.get("eps", 1e-8)
+    kwargs = {"lr": lr, "betas": tuple(optimizer_cfg.get("betas", (0.9, 0.999))), "eps": optimizer_cfg.get("eps", 1e-8),
+              "weight_decay": weight_decay}
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                 **ADAMW_IMPLS[adamw_impl])
-    if name in ("adamw_8bit", "paged_adamw_8bit"):
+        cls, kwargs = torch.optim.AdamW, {**kwargs, **ADAMW_IMPLS[adamw_impl]}
+    elif name in ("adamw_8bit", "paged_adamw_8bit"):
         import bitsandbytes as bnb
 
         cls = bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit
-        return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    raise ConfigError(f"method.optimizer.name={name!r} is unknown (allowed: {', '.join(OPTIMIZERS)})")
+    else:
+        raise ConfigError(f"method.optimizer.name={name!r} is unknown (allowed: {', '.join(OPTIMIZERS)})")
+    ratio = optimizer_cfg.get("loraplus_lr_ratio")
+    if ratio is not None:
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(model, cls, loraplus_lr_ratio=ratio, loraplus_weight_decay=weight_decay,
+                                         **kwargs)
+    return cls([p for p in model.parameters() if p.requires_grad], **kwargs)
 
 
 def adamw_impl_used(optimizer) -> str | None:

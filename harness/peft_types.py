@@ -134,6 +134,19 @@ def _vera_weight_saves(peft, fan_in, fan_out, c):
     return c * size(peft) * (fan_in + fan_out)
 
 
+# --------------------------------------------------------------------------- MiSS
+
+def _miss_params(peft, shapes, mods, base_dtype):
+    # one r x out block per module (init "bat": out/r blocks of r x r, as many)
+    return shapes["layers"] * sum(size(peft) * o for _, _, o, _ in mods), 0
+
+
+def _miss_saves(peft, name, fan_in, fan_out, c, mask):
+    # the input, cast to fp32, is summed over its shards of r features (a sum keeps nothing);
+    # the r-wide sum enters the block's matmul as bf16, which keeps it
+    return _dropout_mask(peft, "miss_dropout", fan_in, mask) + c * size(peft)
+
+
 # --------------------------------------------------------------------------- virtual tokens
 
 def _prompt_params(peft, shapes, mods, base_dtype):
@@ -154,6 +167,9 @@ TYPES: dict[str, PeftType] = {
     "IA3": PeftType(_ia3_params, _ia3_saves),
     "VERA": PeftType(_vera_params, _vera_saves, _vera_weight_saves, knob="r", knob_default=256,
                      casts_weights=True),
+    "MISS": PeftType(_miss_params, _miss_saves, knob="r", knob_default=64, casts_weights=True,
+                     not_modelled=lambda peft: "MiSS with init_weights=mini"
+                     if peft.get("init_weights") == "mini" else None),
     "PROMPT_TUNING": PeftType(_prompt_params, knob="num_virtual_tokens", virtual="prompt"),
     "PREFIX_TUNING": PeftType(_prefix_params, knob="num_virtual_tokens", virtual="prefix",
                               not_modelled=lambda peft: "prefix tuning with prefix_projection"

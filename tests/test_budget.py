@@ -34,6 +34,10 @@ def test_params_budget_matches_qlora_trainable_count():
     rslora = method("rslora")
     resized = budget.resize(rslora, rslora["peft"]["r"] * 4)
     assert resized["peft"]["lora_alpha"] == pytest.approx(rslora["peft"]["lora_alpha"] * 2)
+    # MiSS: r blocks of r x out per layer; r=40 gives QLoRA's count within 1% on tiny-1m
+    sized, info = budget.match(method("miss"), TINY_1M, "params", batch_size=16, seq_len=12)
+    assert info["matched"] and info["knob"] == "peft.r" and info["default"] == 64
+    assert trainable(TINY_1M, sized) == pytest.approx(target, rel=0.02) and sized["peft"]["r"] < 64
     # The same method sized to the same count is unchanged
     sized, info = budget.match(method("lora"), QWEN_7B, "params", batch_size=1, seq_len=512)
     assert info["matched"] and sized == method("lora")

@@ -111,6 +111,35 @@ def test_8bit_adamw_keeps_a_quarter_of_the_optimizer_state(method_results):
         assert "uint8" in m["optimizer_state_dtypes"]
 
 
+def test_loraplus_trains_loras_b_matrices_16_times_faster_than_its_a_matrices(model_cache):
+    """LoRA+ is LoRA with PEFT's create_loraplus_optimizer: every B matrix in a group at 16x
+    the learning rate of the A matrices; the same adapter as LoRA's."""
+    import torch
+
+    from conftest import compose
+    from harness.methods import apply_method, make_optimizer
+    from harness.models import load_model, resolve_model_source
+
+    cfg = compose(["method=loraplus"])
+    model = load_model(resolve_model_source(cfg["model"]), None, dtype=torch.bfloat16, quantization=None,
+                       device="cpu")
+    model = apply_method(model, cfg["method"], max_steps=10, gradient_checkpointing=False)
+    optimizer = make_optimizer(model, cfg["method"]["optimizer"], lr=2e-4, weight_decay=0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    lr_of = {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert {lr for n, lr in lr_of.items() if "lora_A" in n} == {2e-4}
+    assert [lr for n, lr in lr_of.items() if "lora_B" in n] == pytest.approx([16 * 2e-4] * 4 * 7)  # 4 layers x 7
+    assert len(lr_of) == sum(p.requires_grad for p in model.parameters())  # every trainable tensor, once
+
+
+def test_miss_trains_one_block_per_layer_of_rank_by_output_width(method_results):
+    m = method_results["miss"]["metrics"]
+    # tiny-1m: 4 layers; q, o: 128 -> 128; k, v: 128 -> 64; gate, up: 128 -> 384; down: 384 -> 128
+    assert m["trainable_params"] == 4 * 64 * (128 + 64 + 64 + 128 + 384 + 384 + 128)
+    assert method_results["loraplus"]["metrics"]["trainable_params"] == method_results["lora"]["metrics"][
+        "trainable_params"]
+
+
 def test_loftq_on_a_gpu(tmp_path):
     import torch
 

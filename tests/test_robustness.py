@@ -286,6 +286,10 @@ BAD_INPUT = [
      "model.architecture='qwen9': not a shipped architecture (allowed: llama-3.1-8b"),
     (H, lambda t: ["model=qwen2.5-0.5b", "~model.architecture", "model.init=random"],
      "model.init=random needs model.architecture, one of llama-3.1-8b"),
+    (H, lambda t: ["method=loraplus", "method.optimizer.loraplus_lr_ratio=0.5"],
+     "method.optimizer.loraplus_lr_ratio=0.5: must be a number >= 1"),
+    (H, lambda t: ["method=miss", "+method.optimizer.loraplus_lr_ratio=16"],
+     "method.optimizer.loraplus_lr_ratio: LoRA+ needs a LoRA method (peft_type LORA), not MISS"),
     (H, lambda t: ["model.tiny.hidden_size=250"],  # once: the model build hung on it
      "model.tiny.hidden_size=250: must be an even multiple of model.tiny.num_attention_heads=4"),
     (H, lambda t: ["model.tiny.num_key_value_heads=3"],
