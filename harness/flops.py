@@ -13,7 +13,9 @@ tokens:
 where N counts the weights of matmuls (decoder linear layers and lm_head; embeddings are
 lookups). Virtual tokens: prompt tuning runs v more tokens through every layer, so the cost
 of each real token is scaled by (s + v) / s; prefix tuning only lengthens the attention
-context to s + v. Prompt embeddings and prefixes are lookups, not matmuls.
+context to s + v. Prompt embeddings and prefixes are lookups, not matmuls; P-tuning's prompt
+encoder (an MLP of E weights) runs once per sequence on its v virtual tokens, 6 * E * v / s
+per real token.
 
 MFU = achieved FLOP/s / the device's peak dense bf16 FLOP/s, from the table below; devices not
 in the table get no MFU (never a guess).
@@ -43,18 +45,24 @@ def peak_tflops(device_name: str | None) -> float | None:
     return None
 
 
-def matmul_weights(model) -> tuple[int, int]:
-    """(frozen, trainable) weights that take part in matmuls: Linear layers (lm_head and
-    quantized ones included, a packed 4-bit weight counted at its logical size) and trainable
-    adapter tensors (LoRA, AdaLoRA); embeddings, prompt embeddings and prefixes are lookups."""
+def matmul_weights(model) -> tuple[int, int, int]:
+    """(frozen, trainable, encoder) weights that take part in matmuls: Linear layers (lm_head
+    and quantized ones included, a packed 4-bit weight counted at its logical size) and
+    trainable adapter tensors (LoRA, AdaLoRA), run for every token; and the Linear weights of a
+    prompt encoder (P-tuning's MLP), run once per sequence. Embeddings, prompt embeddings and
+    prefixes are lookups."""
     import torch
 
-    frozen = trainable = 0
+    frozen = trainable = encoder = 0
+    prompt_encoder = getattr(model, "prompt_encoder", None)
+    in_encoder = {id(m) for m in prompt_encoder.modules()} if isinstance(prompt_encoder, torch.nn.Module) else set()
     in_linear_or_lookup = set()
     for module in model.modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
             in_linear_or_lookup.update(id(p) for p in module.parameters(recurse=False))
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, torch.nn.Linear) and id(module) in in_encoder:
+            encoder += module.weight.numel()
+        elif isinstance(module, torch.nn.Linear):
             quant_state = getattr(module.weight, "quant_state", None)
             n = quant_state.shape.numel() if quant_state is not None else module.weight.numel()
             if module.weight.requires_grad:
@@ -64,11 +72,11 @@ def matmul_weights(model) -> tuple[int, int]:
     for name, p in model.named_parameters():  # adapter tensors that are not Linear layers
         if p.requires_grad and id(p) not in in_linear_or_lookup and p.dim() > 1:
             trainable += p.numel()
-    return frozen, trainable
+    return frozen, trainable, encoder
 
 
 def training_flops_per_token(model_config, frozen: int, trainable: int, seq_len: float,
-                             prompt_tokens: int = 0, prefix_tokens: int = 0) -> float:
+                             prompt_tokens: int = 0, prefix_tokens: int = 0, encoder: int = 0) -> float:
     """Training FLOPs per real (non-virtual) token; see the module docstring."""
     layers = model_config.num_hidden_layers
     heads = model_config.num_attention_heads
@@ -76,7 +84,7 @@ def training_flops_per_token(model_config, frozen: int, trainable: int, seq_len:
     context = seq_len + prompt_tokens + prefix_tokens
     attention = 12 * layers * heads * head_dim * context
     per_token = 4 * frozen + 6 * trainable + attention
-    return per_token * (seq_len + prompt_tokens) / seq_len
+    return per_token * (seq_len + prompt_tokens) / seq_len + 6 * encoder * prompt_tokens / seq_len
 
 
 def utilization(flops_per_token: float, tokens_per_s: float | None, device_name: str | None) -> dict:

@@ -150,10 +150,10 @@ def training_flops(model, model_config, method: dict, examples: list[dict], devi
     from harness import flops, peft_types
 
     prompt, prefix = peft_types.virtual_tokens(method.get("peft"))
-    frozen, trainable = flops.matmul_weights(model)
+    frozen, trainable, encoder = flops.matmul_weights(model)
     per_token = flops.training_flops_per_token(
         model_config, frozen, trainable, seq_len=sum(len(e["input_ids"]) for e in examples) / len(examples),
-        prompt_tokens=prompt, prefix_tokens=prefix)
+        prompt_tokens=prompt, prefix_tokens=prefix, encoder=encoder)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return flops.utilization(per_token, tokens_per_s, name)
 

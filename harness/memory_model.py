@@ -274,6 +274,8 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
         activations = layers * tokens * shapes["hidden"] * residual + one_layer
     else:
         activations = layers * one_layer
+    if peft:  # outside the layers, per sequence (P-tuning's prompt encoder)
+        activations += batch_size * peft_type(peft).sequence_saves(peft, shapes, c)
     logits = tokens * shapes["vocab"] * (2 + 4 + 4)
     # the backward pass's working set while it runs through a layer: gradients of the MLP's
     # bf16 intermediates (two at a time) and of the fp32 residual stream

@@ -43,6 +43,8 @@ class PeftType:
     # companions of the knob to keep in proportion when it changes: (peft, old, new) -> changes
     rescale: Callable[[dict, int, int], dict] = lambda peft, old, new: {}
     casts_weights: bool = False        # autocast keeps a bf16 copy of each fp32 adapter weight
+    # bytes kept per sequence outside the decoder layers: (peft, shapes, c) -> bytes
+    sequence_saves: Callable[[dict, dict, int], float] = _nothing
     optimizer_extra_bytes: int = 0     # per trainable parameter, beside the optimizer's states
     virtual: str | None = None         # "prompt": v more positions; "prefix": keys/values s + v
     not_modelled: Callable[[dict], str | None] = lambda peft: None  # a setting the model lacks
@@ -158,6 +160,28 @@ def _prefix_params(peft, shapes, mods, base_dtype):
     return size(peft) * shapes["layers"] * 2 * shapes["kv_dim"], 0
 
 
+def _encoder_width(peft, shapes):
+    return peft.get("encoder_hidden_size") or shapes["hidden"]  # PEFT's default: the model's width
+
+
+def _ptuning_params(peft, shapes, mods, base_dtype):
+    # v virtual-token embeddings and an MLP (h -> e -> e -> h, with biases) that maps them
+    v, h, e = size(peft), shapes["hidden"], _encoder_width(peft, shapes)
+    return v * h + (h * e + e) + (e * e + e) + (e * h + h), 0
+
+
+def _ptuning_sequence_saves(peft, shapes, c):
+    # the MLP runs on each sequence's v embeddings: its first Linear keeps its bf16 input, each
+    # ReLU its output (the next Linear's input)
+    v, h, e = size(peft), shapes["hidden"], _encoder_width(peft, shapes)
+    return v * (c * h + 2 * c * e)
+
+
+def _ptuning_not_modelled(peft):
+    kind = str(peft.get("encoder_reparameterization_type", "MLP")).rsplit(".", 1)[-1].upper()
+    return "P-tuning with an LSTM prompt encoder" if kind != "MLP" else None
+
+
 TYPES: dict[str, PeftType] = {
     "LORA": PeftType(_lora_params, _lora_saves, _lora_weight_saves, knob="r", knob_default=8,
                      rescale=_lora_rescale, casts_weights=True),
@@ -171,6 +195,8 @@ TYPES: dict[str, PeftType] = {
                      not_modelled=lambda peft: "MiSS with init_weights=mini"
                      if peft.get("init_weights") == "mini" else None),
     "PROMPT_TUNING": PeftType(_prompt_params, knob="num_virtual_tokens", virtual="prompt"),
+    "P_TUNING": PeftType(_ptuning_params, knob="num_virtual_tokens", virtual="prompt", casts_weights=True,
+                         sequence_saves=_ptuning_sequence_saves, not_modelled=_ptuning_not_modelled),
     "PREFIX_TUNING": PeftType(_prefix_params, knob="num_virtual_tokens", virtual="prefix",
                               not_modelled=lambda peft: "prefix tuning with prefix_projection"
                               if peft.get("prefix_projection") else None),

@@ -38,6 +38,10 @@ def test_params_budget_matches_qlora_trainable_count():
     sized, info = budget.match(method("miss"), TINY_1M, "params", batch_size=16, seq_len=12)
     assert info["matched"] and info["knob"] == "peft.r" and info["default"] == 64
     assert trainable(TINY_1M, sized) == pytest.approx(target, rel=0.02) and sized["peft"]["r"] < 64
+    # P-tuning: its prompt encoder's MLP is fixed; the virtual tokens make up the rest
+    sized, info = budget.match(method("ptuning"), TINY_1M, "params", batch_size=16, seq_len=12)
+    assert info["matched"] and info["knob"] == "peft.num_virtual_tokens" and info["default"] == 20
+    assert trainable(TINY_1M, sized) == pytest.approx(target, rel=0.01) and sized["peft"]["num_virtual_tokens"] > 20
     # The same method sized to the same count is unchanged
     sized, info = budget.match(method("lora"), QWEN_7B, "params", batch_size=1, seq_len=512)
     assert info["matched"] and sized == method("lora")

@@ -519,15 +519,19 @@ def test_training_flops_per_token_by_method(model_cache):
     linear = L * (128 * 128 * 2 + 128 * 64 * 2 + 3 * 128 * 384) + h * V  # decoder + lm_head
     s = 10.0
     per_method = {}
-    for method in ("full", "lora", "prompt", "prefix"):
+    for method in ("full", "lora", "prompt", "prefix", "ptuning"):
         m = compose([f"method={method}"])["method"]
         model = load_model(source, None, dtype=torch.float32, quantization=None, device=torch.device("cpu"))
         model = apply_method(model, m, max_steps=10, gradient_checkpointing=False)
-        frozen, trainable = flops.matmul_weights(model)
+        frozen, trainable, encoder = flops.matmul_weights(model)
         v = (m["peft"] or {}).get("num_virtual_tokens", 0)
         per_method[method] = flops.training_flops_per_token(
-            config, frozen, trainable, s, prompt_tokens=v if method == "prompt" else 0,
-            prefix_tokens=v if method == "prefix" else 0)
+            config, frozen, trainable, s, prompt_tokens=v if method in ("prompt", "ptuning") else 0,
+            prefix_tokens=v if method == "prefix" else 0, encoder=encoder)
+        if method == "ptuning":  # the prompt encoder's three Linear layers, 128 wide, once per sequence
+            assert (frozen, trainable, encoder) == (linear, 0, 3 * 128 * 128)
+        else:
+            assert encoder == 0
         if method == "full":
             assert (frozen, trainable) == (0, linear)
         if method == "lora":  # r=16 on every decoder linear: 16 * (in + out) each
@@ -537,6 +541,7 @@ def test_training_flops_per_token_by_method(model_cache):
     assert per_method["lora"] == 4 * linear + 6 * 155648 + attention
     assert per_method["prompt"] == pytest.approx((4 * linear + 12 * L * h * (s + 20)) * (s + 20) / s)
     assert per_method["prefix"] == pytest.approx(4 * linear + 12 * L * h * (s + 20))
+    assert per_method["ptuning"] == pytest.approx(per_method["prompt"] + 6 * 3 * 128 * 128 * 20 / s)
 
 
 @pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),
