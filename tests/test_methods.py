@@ -142,6 +142,51 @@ def test_miss_trains_one_block_per_layer_of_rank_by_output_width(method_results)
         "trainable_params"]
 
 
+@pytest.mark.parametrize("method", ["loraplus", "miss", "ptuning"])
+def test_a_trained_adapter_saves_reloads_and_answers_the_same(method, tmp_path, model_cache):
+    """The methods added in issue 20: a few training steps, save_pretrained, then PEFT's
+    from_pretrained onto a fresh base model gives the same logits and the same greedy answers."""
+    import torch
+    from peft import PeftModel
+
+    from conftest import compose
+    from harness.data import batch_stream, tokenize_examples
+    from harness.evaluation import generate_answers
+    from harness.methods import apply_method, make_optimizer
+    from harness.models import load_model, load_tokenizer, resolve_model_source
+    from harness.tasks import load_task
+
+    cfg = compose([f"method={method}"])
+    source = resolve_model_source(cfg["model"])
+    tokenizer = load_tokenizer(source, None)
+    splits = load_task(cfg["task"])
+
+    def base():
+        return load_model(source, None, dtype=torch.bfloat16, quantization=None, device=torch.device("cpu"))
+
+    model = apply_method(base(), cfg["method"], max_steps=10, gradient_checkpointing=False)
+    optimizer = make_optimizer(model, cfg["method"]["optimizer"], lr=cfg["method"]["lr"], weight_decay=0.0)
+    examples, _ = tokenize_examples(splits["train"], tokenizer, 64)
+    batches = batch_stream(examples, 8, 0, tokenizer.pad_token_id, "cpu")
+    model.train()
+    for _ in range(5):
+        loss = model(**next(batches)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(base(), tmp_path / "adapter")
+    prompts = list(splits["test"]["prompt"][:8])
+    batch = tokenizer(prompts[:1], return_tensors="pt")
+    with torch.no_grad():
+        model.eval(), reloaded.eval()
+        assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
+        assert not torch.equal(base()(**batch).logits, model(**batch).logits)  # it was trained
+    answers = [generate_answers(m, tokenizer, prompts, batch_size=8, max_new_tokens=4, device="cpu")
+               for m in (model, reloaded)]
+    assert answers[0] == answers[1] and all(isinstance(a, str) for a in answers[0])
+
+
 def test_loftq_on_a_gpu(tmp_path):
     import torch
 
