@@ -160,7 +160,7 @@ def test_real_smollm2_from_gguf_trains_with_qlora_and_full_on_real_boolq(tmp_pat
         (30, 576, 3, 49152)
     for method in ("qlora", "full"):
         result = run_in_process(tmp_path / method, GGUF + BOOLQ + [
-            f"method={method}", "task.n_train=48", "task.n_validation=8", "task.n_test=24", "train.max_steps=8",
+            f"method={method}", "task.n_train=48", "task.n_validation=8", "task.n_test=12", "train.max_steps=8",
             "train.batch_size=4", "train.warmup_steps=2", "measure.warmup_steps=1", "eval.batch_size=8",
             "eval.validation=false", "train.seq_len=256"])
         m = result["metrics"]
