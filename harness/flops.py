@@ -15,7 +15,8 @@ lookups). Virtual tokens: prompt tuning runs v more tokens through every layer, 
 of each real token is scaled by (s + v) / s; prefix tuning only lengthens the attention
 context to s + v. Prompt embeddings and prefixes are lookups, not matmuls; P-tuning's prompt
 encoder (an MLP of E weights) runs once per sequence on its v virtual tokens, 6 * E * v / s
-per real token.
+per real token. GaLore adds its projections once per optimizer step (4 * m * n * r per
+projected weight), divided over the step's tokens.
 
 MFU = achieved FLOP/s / the device's peak dense bf16 FLOP/s, from the table below; devices not
 in the table get no MFU (never a guess).
@@ -85,6 +86,17 @@ def training_flops_per_token(model_config, frozen: int, trainable: int, seq_len:
     attention = 12 * layers * heads * head_dim * context
     per_token = 4 * frozen + 6 * trainable + attention
     return per_token * (seq_len + prompt_tokens) / seq_len + 6 * encoder * prompt_tokens / seq_len
+
+
+def galore_step_flops(weights, rank: int) -> float:
+    """FLOPs of GaLore's projections in one optimizer step: each projected m x n gradient goes
+    to rank r' = min(r, m, n) and its update back, 2 * m * n * r' FLOPs each way. The SVD that
+    refreshes a projection every update_proj_gap steps is not counted."""
+    total = 0.0
+    for w in weights:
+        m, n = w.shape
+        total += 4 * m * n * min(rank, m, n)
+    return total
 
 
 def utilization(flops_per_token: float, tokens_per_s: float | None, device_name: str | None) -> dict:

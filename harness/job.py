@@ -143,7 +143,8 @@ def adapter_bytes(model) -> int:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def training_flops(model, model_config, method: dict, examples: list[dict], device, tokens_per_s) -> dict:
+def training_flops(model, model_config, method: dict, examples: list[dict], device, tokens_per_s,
+                   tokens_per_step: float) -> dict:
     """FLOPs per token, achieved TFLOP/s and MFU of this training (see harness/flops.py)."""
     import torch
 
@@ -154,6 +155,10 @@ def training_flops(model, model_config, method: dict, examples: list[dict], devi
     per_token = flops.training_flops_per_token(
         model_config, frozen, trainable, seq_len=sum(len(e["input_ids"]) for e in examples) / len(examples),
         prompt_tokens=prompt, prefix_tokens=prefix, encoder=encoder)
+    if method["optimizer"]["name"] == "galore_adamw":  # the projections of each step, per token
+        from harness.methods import galore_weights
+
+        per_token += flops.galore_step_flops(galore_weights(model), method["optimizer"]["rank"]) / tokens_per_step
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return flops.utilization(per_token, tokens_per_s, name)
 
@@ -377,8 +382,10 @@ def training_metrics(model, optimizer, setup: Setup, device, metrics: dict) -> N
     """What training leaves to record: FLOPs and MFU, the optimizer's state, AdaLoRA's ranks."""
     from harness.methods import adamw_impl_used, optimizer_state_bytes, optimizer_state_dtypes
 
+    mean_length = sum(len(e["input_ids"]) for e in setup.examples) / len(setup.examples)
     metrics.update(training_flops(model, setup.model_config, setup.method, setup.examples, device,
-                                  metrics["tokens_per_s"]))
+                                  metrics["tokens_per_s"],
+                                  setup.tcfg["batch_size"] * setup.tcfg["grad_accum"] * mean_length))
     metrics["optimizer"] = setup.method["optimizer"]["name"]
     metrics["adamw_impl"] = adamw_impl_used(optimizer)
     if setup.tcfg["adamw_impl"] != "default" and metrics["adamw_impl"] is None:

@@ -204,6 +204,28 @@ def optimizer_bytes(trainable: int, bytes_per_param: int, optimizer: str, larges
     return big * 2 + 2 * (big / ADAM8BIT_BLOCK) * 4 + small * 8
 
 
+def galore_bytes(shapes: dict, optimizer: dict, trainable: int) -> tuple[float, float]:
+    """(optimizer state bytes, step temporaries) of GaLore (galore-torch's GaLoreAdamW) on fp32
+    weights. Each attention/MLP weight (out m x in n) keeps its two Adam moments in the rank-r'
+    projection of its gradient (r' = min(r, m, n); 2 * 4 * r' * max(m, n)) and its projection
+    matrix: a slice of the SVD's U or Vh, which keeps all of it alive (4 * min(m, n)^2). Every
+    other parameter has AdamW's 8 B. The step: a projected weight's update comes back full size
+    and is scaled (two fp32 m x n temporaries); a plain one makes two temporaries of its size;
+    each projection's SVD (at the first step and every update_proj_gap steps) holds U, Vh and
+    LAPACK's work space (about 7 k^2 floats, k = min(m, n))."""
+    r, layers = optimizer["rank"], shapes["layers"]
+    projected = states = 0
+    largest_step = 0.0
+    for _, n, m, _ in shapes["linears"]:  # (name, in, out, bias): the weight is out x in
+        k = min(m, n)
+        projected += layers * m * n
+        states += layers * (2 * 4 * min(r, k) * max(m, n) + 4 * k * k)
+        largest_step = max(largest_step, 2 * 4 * m * n, 4 * (m * k + k * n + 7 * k * k))
+    rest = trainable - projected
+    largest_rest = shapes["vocab"] * shapes["hidden"]  # the embeddings (and an untied lm_head)
+    return states + 8 * rest, max(largest_step, 2 * 4 * min(rest, largest_rest))
+
+
 # --------------------------------------------------------------------------- activations
 
 def layer_activation_bytes(shapes: dict, method: dict, *, tokens: float, seq: float, context: float,
@@ -287,7 +309,10 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
     if not peft:
         largest = max(largest, shapes["vocab"] * shapes["hidden"])
     optimizer_name = method.get("optimizer", {}).get("name", "adamw")
-    optimizer = optimizer_bytes(trainable, tbytes, optimizer_name, largest)
+    if optimizer_name == "galore_adamw":
+        optimizer, galore_step = galore_bytes(shapes, method["optimizer"], trainable)
+    else:
+        optimizer = optimizer_bytes(trainable, tbytes, optimizer_name, largest)
     if peft:  # e.g. AdaLoRA's rank allocator: three fp32 importance averages per parameter
         optimizer += peft_type(peft).optimizer_extra_bytes * trainable
     # bf16 copies of fp32 weights that enter matmuls under autocast (kept for the backward)
@@ -307,7 +332,9 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
     # the step: multi-tensor ("foreach") AdamW, torch's default on CUDA, builds a state-sized
     # temporary; the per-tensor loop (the CPU default) one tensor's worth; fused AdamW none
     multi_tensor = adamw_impl == "foreach" or (adamw_impl == "default" and device == "cuda")
-    if optimizer_name == "adamw" and adamw_impl != "fused":
+    if optimizer_name == "galore_adamw":
+        step_temp = galore_step
+    elif optimizer_name == "adamw" and adamw_impl != "fused":
         step_temp = trainable * tbytes if multi_tensor else min(trainable, largest) * tbytes
     elif optimizer_name != "adamw" and device == "cpu":  # bitsandbytes' 8-bit step on a CPU: fp32
         step_temp = ADAM8BIT_CPU_STEP_BYTES * min(trainable, largest)  # copies for the tensor stepped

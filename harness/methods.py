@@ -18,7 +18,10 @@ from harness.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "galore_adamw")
+# GaLore's settings (galore-torch's GaLoreAdamW parameter group keys) and its projection types
+GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
+GALORE_PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
 
 
 def adalora_schedule(peft_kwargs: dict, max_steps: int) -> dict:
@@ -113,7 +116,7 @@ def peft_config(method_cfg: dict, max_steps: int):
     return config
 
 
-OPTIMIZER_KEYS = ("name", "betas", "eps", "loraplus_lr_ratio")
+OPTIMIZER_KEYS = ("name", "betas", "eps", "loraplus_lr_ratio", *GALORE_KEYS)
 
 
 def check_settings(method_cfg: dict, train_cfg: dict) -> None:
@@ -137,6 +140,11 @@ def check_settings(method_cfg: dict, train_cfg: dict) -> None:
     if ratio is not None and (method_cfg.get("peft") or {}).get("peft_type") != "LORA":
         raise ConfigError(f"method.optimizer.loraplus_lr_ratio: LoRA+ needs a LoRA method (peft_type LORA), not "
                           f"{(method_cfg.get('peft') or {}).get('peft_type') or 'full fine-tuning'}")
+    galore = [key for key in GALORE_KEYS if key in optimizer]
+    if galore and optimizer["name"] != "galore_adamw":
+        raise ConfigError(f"method.optimizer.{galore[0]}: a GaLore setting; it needs method.optimizer.name=galore_adamw")
+    if optimizer["name"] == "galore_adamw":
+        check_galore(optimizer, method_cfg)
     lr = train_cfg["lr"] * train_cfg["lr_scale"]
     try:
         make_optimizer(torch.nn.Linear(1, 1), optimizer, lr, train_cfg["weight_decay"], train_cfg["adamw_impl"])
@@ -147,6 +155,31 @@ def check_settings(method_cfg: dict, train_cfg: dict) -> None:
                  "weight_decay": ("train.weight_decay", train_cfg["weight_decay"])}
         key, value = next((kv for word, kv in named.items() if word in str(e).lower()), ("method.optimizer", optimizer))
         raise ConfigError(f"{key}={value!r}: {e}")
+
+
+def check_galore(optimizer: dict, method_cfg: dict) -> None:
+    for key in ("rank", "update_proj_gap"):
+        value = optimizer.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"method.optimizer.{key}={value!r}: must be a positive integer")
+    scale = optimizer.get("scale")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
+        raise ConfigError(f"method.optimizer.scale={scale!r}: must be a positive number")
+    if optimizer.get("proj_type") not in GALORE_PROJ_TYPES:
+        raise ConfigError(f"method.optimizer.proj_type={optimizer.get('proj_type')!r}: allowed values are "
+                          f"{', '.join(GALORE_PROJ_TYPES)}")
+    if method_cfg.get("peft") or method_cfg.get("quantization"):
+        raise ConfigError("method.optimizer.name=galore_adamw: GaLore trains every weight of a full-precision model; "
+                          "set method.peft and method.quantization to null")
+
+
+def galore_weights(model) -> list:
+    """The weights GaLore projects: every Linear of the decoder's attention and MLP blocks (as
+    transformers' Trainer targets them); embeddings, norms and lm_head keep plain AdamW."""
+    import torch
+
+    return [m.weight for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and (".self_attn." in name or ".mlp." in name) and m.weight.requires_grad]
 
 
 def apply_method(model, method_cfg: dict, *, max_steps: int, gradient_checkpointing: bool,
@@ -209,12 +242,22 @@ def make_optimizer(model, optimizer_cfg: dict, lr: float, weight_decay: float, a
               "weight_decay": weight_decay}
     if name == "adamw":
         cls, kwargs = torch.optim.AdamW, {**kwargs, **ADAMW_IMPLS[adamw_impl]}
+    elif name == "galore_adamw":
+        cls = None
     elif name in ("adamw_8bit", "paged_adamw_8bit"):
         import bitsandbytes as bnb
 
         cls = bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit
     else:
         raise ConfigError(f"method.optimizer.name={name!r} is unknown (allowed: {', '.join(OPTIMIZERS)})")
+    if name == "galore_adamw":  # GaLore (galore-torch): Adam states in a rank-r projection of the gradient
+        from galore_torch import GaLoreAdamW
+
+        projected = galore_weights(model)
+        ids = {id(p) for p in projected}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+        group = {key: optimizer_cfg[key] for key in GALORE_KEYS}
+        return GaLoreAdamW([{"params": rest}, {"params": projected, **group}], no_deprecation_warning=True, **kwargs)
     ratio = optimizer_cfg.get("loraplus_lr_ratio")
     if ratio is not None:
         from peft.optimizers import create_loraplus_optimizer
@@ -243,15 +286,20 @@ def adamw_impl_used(optimizer) -> str | None:
 
 
 def optimizer_state_bytes(optimizer) -> int:
-    """Bytes held by the optimizer's state tensors (e.g. AdamW's two moments)."""
+    """Bytes held by the optimizer's state tensors (e.g. AdamW's two moments), and by GaLore's
+    projection matrices: the whole storage each one keeps alive (galore-torch keeps a slice of
+    the SVD's U or Vh, which holds all of it)."""
     import torch
 
-    return sum(
-        t.numel() * t.element_size()
-        for state in optimizer.state.values()
-        for t in state.values()
-        if isinstance(t, torch.Tensor)
-    )
+    total = sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+                if isinstance(t, torch.Tensor))
+    storages = {}
+    for state in optimizer.state.values():
+        matrix = getattr(state.get("projector"), "ortho_matrix", None)
+        for t in matrix if isinstance(matrix, list) else [matrix]:
+            if isinstance(t, torch.Tensor):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return total + sum(storages.values())
 
 
 def optimizer_state_dtypes(optimizer) -> list[str]:

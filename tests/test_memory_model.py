@@ -80,7 +80,7 @@ def test_predicted_step_memory_matches_the_tensors_pytorch_holds(method, model_c
     import torch
 
     from harness.measure import weight_bytes
-    from harness.methods import apply_method, make_optimizer
+    from harness.methods import apply_method, make_optimizer, optimizer_state_bytes
     from harness.models import load_model, resolve_model_source
 
     cfg = compose(["model=tiny-5m", "model.init=random", f"method={method}"])
@@ -112,8 +112,7 @@ def test_predicted_step_memory_matches_the_tensors_pytorch_holds(method, model_c
     assert predicted == pytest.approx(measured, rel=0.15), (predicted, measured)
     # persistent memory: weights and optimizer states, to the byte or nearly
     assert p["weight_bytes"] == pytest.approx(weight_bytes(model)["weight_bytes"], rel=0.02)
-    states = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                 if isinstance(t, torch.Tensor))
+    states = optimizer_state_bytes(optimizer)  # with GaLore's projection matrices
     extra = 3 * p["trainable_params"] * 4 if m["peft"] and m["peft"]["peft_type"] == "ADALORA" else 0
     assert p["optimizer_mb"] * 2**20 - extra == pytest.approx(states, rel=0.02)
 
@@ -238,9 +237,9 @@ UNFITTED = {  # name: (methods, overrides, tolerance); each SmolLM2 job costs ab
                                     "train.gradient_checkpointing=true"], 0.15),
     "grad_accum 2": ("qlora", ["model=smollm2-135m-gguf", "train.batch_size=16", "train.grad_accum=2"], 0.15),
     # methods added after the model was fitted (issue 20), on tiny-13m at two batch sizes;
-    # measured 2026-12-07 (Intel, AMX): loraplus 0.80 / 0.85, miss 0.80 / 0.82, ptuning 0.90 / 0.99
-    "new methods, batch 16": ("loraplus,miss,ptuning", ["model=tiny-13m", "model.init=random", "train.batch_size=16"], 0.25),
-    "new methods, batch 48": ("loraplus,miss,ptuning", ["model=tiny-13m", "model.init=random", "train.batch_size=48"], 0.25),
+    # measured 2026-12-07 (Intel, AMX): loraplus 0.80 / 0.85, miss 0.80 / 0.82, ptuning 0.90 / 0.99, galore 0.79 / 0.83
+    "new methods, batch 16": ("loraplus,miss,ptuning,galore", ["model=tiny-13m", "model.init=random", "train.batch_size=16"], 0.25),
+    "new methods, batch 48": ("loraplus,miss,ptuning,galore", ["model=tiny-13m", "model.init=random", "train.batch_size=48"], 0.25),
 }
 
 

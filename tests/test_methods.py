@@ -187,6 +187,39 @@ def test_a_trained_adapter_saves_reloads_and_answers_the_same(method, tmp_path, 
     assert answers[0] == answers[1] and all(isinstance(a, str) for a in answers[0])
 
 
+def test_galore_projects_the_attention_and_mlp_weights_and_keeps_small_moments(model_cache):
+    """GaLore: every attention/MLP weight in the rank group (galore-torch's GaLoreAdamW), the
+    rest (embeddings, norms, lm_head) with plain AdamW; after a step each projected weight's
+    moments are rank x max(m, n), and the recorded state bytes count the projection matrices."""
+    import torch
+
+    from conftest import compose
+    from harness.methods import apply_method, galore_weights, make_optimizer, optimizer_state_bytes
+    from harness.models import load_model, resolve_model_source
+
+    cfg = compose(["method=galore", "model=tiny-5m", "model.init=random", "method.optimizer.rank=16"])
+    model = load_model(resolve_model_source(cfg["model"]), None, dtype=torch.float32, quantization=None,
+                       device="cpu")
+    model = apply_method(model, cfg["method"], max_steps=10, gradient_checkpointing=False)
+    optimizer = make_optimizer(model, cfg["method"]["optimizer"], lr=1e-4, weight_decay=0.0)
+    rest, projected = optimizer.param_groups
+    layers = model.config.num_hidden_layers
+    assert len(projected["params"]) == 7 * layers and projected["rank"] == 16
+    assert projected["params"] == galore_weights(model)
+    assert len(rest["params"]) + len(projected["params"]) == len(list(model.parameters()))
+    ids = torch.randint(3, model.config.vocab_size, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    for w in projected["params"]:
+        m, n = w.shape
+        moments = optimizer.state[w]["exp_avg"]
+        assert moments.shape == ((m, 16) if m >= n else (16, n))  # 'std': the longer side kept
+    plain = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                if isinstance(t, torch.Tensor))
+    matrices = sum(min(w.shape) ** 2 * 4 for w in projected["params"])  # U or Vh, whole
+    assert optimizer_state_bytes(optimizer) == plain + matrices
+
+
 def test_loftq_on_a_gpu(tmp_path):
     import torch
 

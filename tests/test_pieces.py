@@ -544,6 +544,16 @@ def test_training_flops_per_token_by_method(model_cache):
     assert per_method["ptuning"] == pytest.approx(per_method["prompt"] + 6 * 3 * 128 * 128 * 20 / s)
 
 
+def test_galore_projections_cost_flops_once_per_step():
+    import torch
+
+    from harness import flops
+
+    weights = [torch.empty(64, 32), torch.empty(32, 96), torch.empty(8, 8)]
+    # 4 * m * n * min(r, m, n) each, r=16
+    assert flops.galore_step_flops(weights, 16) == 4 * (64 * 32 * 16 + 32 * 96 * 16 + 8 * 8 * 8)
+
+
 @pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),
                                        ("NVIDIA H200", 989.4), ("NVIDIA A100-SXM4-80GB", 312.0),
                                        ("NVIDIA L40S", 362.1), ("NVIDIA GeForce RTX 4090", 165.2),

@@ -290,6 +290,13 @@ BAD_INPUT = [
      "method.optimizer.loraplus_lr_ratio=0.5: must be a number >= 1"),
     (H, lambda t: ["method=miss", "+method.optimizer.loraplus_lr_ratio=16"],
      "method.optimizer.loraplus_lr_ratio: LoRA+ needs a LoRA method (peft_type LORA), not MISS"),
+    (H, lambda t: ["method=galore", "method.optimizer.rank=0"], "method.optimizer.rank=0: must be a positive integer"),
+    (H, lambda t: ["method=galore", "method.optimizer.proj_type=diagonal"],
+     "method.optimizer.proj_type='diagonal': allowed values are std, reverse_std, right, left, full"),
+    (H, lambda t: ["method=lora", "+method.optimizer.rank=8"],
+     "method.optimizer.rank: a GaLore setting; it needs method.optimizer.name=galore_adamw"),
+    (H, lambda t: ["method=galore", "method.peft={peft_type: LORA, r: 8}"],
+     "method.optimizer.name=galore_adamw: GaLore trains every weight of a full-precision model"),
     (H, lambda t: ["model.tiny.hidden_size=250"],  # once: the model build hung on it
      "model.tiny.hidden_size=250: must be an even multiple of model.tiny.num_attention_heads=4"),
     (H, lambda t: ["model.tiny.num_key_value_heads=3"],
@@ -433,7 +440,8 @@ LIBRARY_SETTINGS = [
     (["+method.peft.rank=4"], "method.peft.rank: not a setting of PEFT's LoraConfig (allowed: "),
     (["+method.optimizer.betas=[1.5,0.9]"],
      "method.optimizer.betas=[1.5, 0.9]: Invalid beta parameter at index 0: 1.5"),
-    (["+method.optimizer.momentum=0.9"], "method.optimizer.momentum: not an optimizer setting (allowed: name, betas, eps)"),
+    (["+method.optimizer.momentum=0.9"], "method.optimizer.momentum: not an optimizer setting (allowed: name, betas, eps, "
+     "loraplus_lr_ratio, rank, update_proj_gap, scale, proj_type)"),
     (["+model.tiny.hidden_act=nope"], "model.tiny.hidden_act='nope': allowed values are "),
     (["+model.tiny.hidden_sizes=64"], "model.tiny.hidden_sizes: not a LlamaConfig setting (allowed: "),
     (["-m", "method=lora,full-adam8bit", "+method.optimizer.eps=1e-8,-1.0"],  # the second value only
