@@ -297,26 +297,24 @@ def test_quantized_layers_hold_bitsandbytes_parameters(model_cache):
             assert q_proj.base_layer.weight.numel() == 128 * 128 // 2
 
 
-def test_full_finetuning_of_the_default_model_beats_zero_shot(tmp_path):
+def test_full_finetuning_of_the_default_model_beats_zero_shot(method_results):
     """The pretrained tiny model answers some held-out problems zero-shot; fine-tuning at the
     default size and steps clearly improves on that, so methods can differ in score (from
     0.18 to 0.5 with the tiny model pretrained on an AVX512-BF16 CPU, from 0.06 to 0.2 with
     the one pretrained on an AVX2 CPU: the pretraining comes out different)."""
-    from conftest import run_in_process
-
-    result = run_in_process(tmp_path, ["method=full"])
+    result = method_results["full"]  # the default job with method=full
     assert result["status"] == "ok"
     assert 0.0 < result["metrics"]["score_before"] < 0.5
     assert result["metrics"]["score"] >= result["metrics"]["score_before"] + 0.1
 
 
-def test_lora_adapts_the_pretrained_tiny_model_far_better_than_a_random_one(tmp_path):
+def test_lora_adapts_the_pretrained_tiny_model_far_better_than_a_random_one(tmp_path, method_results):
     """The point of pretraining the tiny models: at the same steps and settings, LoRA on the
     pretrained base scores far higher than LoRA on the same model with random weights."""
     from conftest import run_in_process
 
-    scores = {init: run_in_process(tmp_path / init, ["method=lora", f"model.init={init}", "eval.validation=false"])
-              ["metrics"]["score"] for init in ("pretrained", "random")}
+    scores = {"pretrained": method_results["lora"]["metrics"]["score"],  # the default job with method=lora
+              "random": run_in_process(tmp_path, ["method=lora", "model.init=random"])["metrics"]["score"]}
     # 0.6 against at most 0.2 with the tiny model pretrained on an AVX512-BF16 CPU; 0.14 against
     # 0.04 with the weaker one pretrained on an AVX2 CPU
     assert scores["pretrained"] >= scores["random"] + 0.08 and scores["random"] <= 0.2, scores
