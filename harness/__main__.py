@@ -41,10 +41,11 @@ log = logging.getLogger("harness")
 
 def method_list() -> str:
     """One line per method for --help: its name and the first line of its config's comment."""
-    lines = []
-    for path in sorted((CONF_DIR / "method").glob("*.yaml")):
+    lines, paths = [], sorted((CONF_DIR / "method").glob("*.yaml"))
+    width = max(len(path.stem) for path in paths)
+    for path in paths:
         first = path.read_text().splitlines()[0].lstrip("# ").strip()
-        lines.append(f"  {path.stem:<14} {first}")
+        lines.append(f"  {path.stem:<{width}} {first}")
     return "\n".join(lines)
 
 

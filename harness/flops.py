@@ -88,14 +88,20 @@ def training_flops_per_token(model_config, frozen: int, trainable: int, seq_len:
     return per_token * (seq_len + prompt_tokens) / seq_len + 6 * encoder * prompt_tokens / seq_len
 
 
-def galore_step_flops(weights, rank: int) -> float:
-    """FLOPs of GaLore's projections in one optimizer step: each projected m x n gradient goes
-    to rank r' = min(r, m, n) and its update back, 2 * m * n * r' FLOPs each way. The SVD that
-    refreshes a projection every update_proj_gap steps is not counted."""
+def projection_step_flops(weights, optimizer: dict) -> float:
+    """FLOPs of GaLore's or APOLLO's projections in one optimizer step. GaLore projects each
+    m x n gradient to rank r' = min(r, m, n) and its update back: 2 * m * n * r' FLOPs each way
+    (the SVD that refreshes a projection every update_proj_gap steps is not counted). APOLLO
+    projects the gradient only (2 * m * n * r; its random projection is not clipped to the
+    weight's sides): the update is the raw gradient scaled per channel."""
+    rank = optimizer["rank"]
     total = 0.0
     for w in weights:
         m, n = w.shape
-        total += 4 * m * n * min(rank, m, n)
+        if optimizer["name"] == "galore_adamw":
+            total += 4 * m * n * min(rank, m, n)
+        else:
+            total += 2 * m * n * rank
     return total
 
 

@@ -133,11 +133,16 @@ def adapter_bytes(model) -> int:
     the trainable tensors' bytes for full fine-tuning (not written: it can be many GB)."""
     from peft import PeftModel
 
-    if not isinstance(model, PeftModel):
+    from harness import adapters
+
+    if not isinstance(model, PeftModel) and not adapters.has_adapters(model):
         return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     folder = Path(tempfile.mkdtemp(prefix="harness-adapter-"))
     try:
-        model.save_pretrained(folder)
+        if adapters.has_adapters(model):
+            adapters.save_adapters(model, folder)
+        else:
+            model.save_pretrained(folder)
         return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -155,10 +160,10 @@ def training_flops(model, model_config, method: dict, examples: list[dict], devi
     per_token = flops.training_flops_per_token(
         model_config, frozen, trainable, seq_len=sum(len(e["input_ids"]) for e in examples) / len(examples),
         prompt_tokens=prompt, prefix_tokens=prefix, encoder=encoder)
-    if method["optimizer"]["name"] == "galore_adamw":  # the projections of each step, per token
-        from harness.methods import galore_weights
+    if method["optimizer"]["name"] in ("galore_adamw", "apollo_adamw"):  # each step's projections, per token
+        from harness.methods import projected_weights
 
-        per_token += flops.galore_step_flops(galore_weights(model), method["optimizer"]["rank"]) / tokens_per_step
+        per_token += flops.projection_step_flops(projected_weights(model), method["optimizer"]) / tokens_per_step
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return flops.utilization(per_token, tokens_per_s, name)
 

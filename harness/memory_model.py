@@ -226,6 +226,29 @@ def galore_bytes(shapes: dict, optimizer: dict, trainable: int) -> tuple[float, 
     return states + 8 * rest, max(largest_step, 2 * 4 * min(rest, largest_rest))
 
 
+def apollo_bytes(shapes: dict, optimizer: dict, trainable: int) -> tuple[float, float]:
+    """(optimizer state bytes, step temporaries) of APOLLO (apollo-torch's APOLLOAdamW) on fp32
+    weights. Each attention/MLP weight (out m x in n) keeps its two Adam moments in a rank-r
+    random projection of its gradient (r is not clipped to the sides) and the r x side random
+    matrix: with proj_type std the moments keep the longer side, 2 * 4 * r * max(m, n), and the
+    matrix the shorter, 4 * r * min(m, n) (reverse_std the other way; right keeps the out side
+    in the moments, left the in side). Every other parameter has AdamW's 8 B. The step: the
+    projected gradient, Adam's denominator and normalized update (three moment-sized fp32
+    temporaries), then the gradient scaled per channel and the norm-growth limiter's copy (two
+    fp32 m x n); a plain parameter makes two temporaries of its size."""
+    r, layers, kind = optimizer["rank"], shapes["layers"], optimizer["proj_type"]
+    projected = states = 0
+    largest_step = 0.0
+    for _, n, m, _ in shapes["linears"]:  # (name, in, out, bias): the weight is out x in
+        kept = {"std": max(m, n), "reverse_std": min(m, n), "right": m, "left": n}[kind]
+        projected += layers * m * n
+        states += layers * (2 * 4 * r * kept + 4 * r * (m + n - kept))
+        largest_step = max(largest_step, 2 * 4 * m * n + 3 * 4 * r * kept)
+    rest = trainable - projected
+    largest_rest = shapes["vocab"] * shapes["hidden"]  # the embeddings (and an untied lm_head)
+    return states + 8 * rest, max(largest_step, 2 * 4 * min(rest, largest_rest))
+
+
 # --------------------------------------------------------------------------- activations
 
 def layer_activation_bytes(shapes: dict, method: dict, *, tokens: float, seq: float, context: float,
@@ -309,8 +332,9 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
     if not peft:
         largest = max(largest, shapes["vocab"] * shapes["hidden"])
     optimizer_name = method.get("optimizer", {}).get("name", "adamw")
-    if optimizer_name == "galore_adamw":
-        optimizer, galore_step = galore_bytes(shapes, method["optimizer"], trainable)
+    if optimizer_name in ("galore_adamw", "apollo_adamw"):
+        bytes_of = galore_bytes if optimizer_name == "galore_adamw" else apollo_bytes
+        optimizer, projection_step = bytes_of(shapes, method["optimizer"], trainable)
     else:
         optimizer = optimizer_bytes(trainable, tbytes, optimizer_name, largest)
     if peft:  # e.g. AdaLoRA's rank allocator: three fp32 importance averages per parameter
@@ -332,8 +356,8 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
     # the step: multi-tensor ("foreach") AdamW, torch's default on CUDA, builds a state-sized
     # temporary; the per-tensor loop (the CPU default) one tensor's worth; fused AdamW none
     multi_tensor = adamw_impl == "foreach" or (adamw_impl == "default" and device == "cuda")
-    if optimizer_name == "galore_adamw":
-        step_temp = galore_step
+    if optimizer_name in ("galore_adamw", "apollo_adamw"):
+        step_temp = projection_step
     elif optimizer_name == "adamw" and adamw_impl != "fused":
         step_temp = trainable * tbytes if multi_tensor else min(trainable, largest) * tbytes
     elif optimizer_name != "adamw" and device == "cpu":  # bitsandbytes' 8-bit step on a CPU: fp32

@@ -3,7 +3,8 @@
 A method config is data:
   base_dtype    dtype the (unquantized) base weights are loaded in
   quantization  keyword arguments of transformers' BitsAndBytesConfig, or null
-  peft          keyword arguments of the PEFT config class named by `peft_type`, or null (full)
+  peft          keyword arguments of the PEFT config class named by `peft_type` (or BOTTLENECK:
+                the harness's own bottleneck adapters, harness/adapters.py), or null (full)
   optimizer     name and settings of the optimizer
 The only glue here: AdaLoRA's step schedule defaults, and clear errors when a method
 cannot apply to the model.
@@ -18,10 +19,16 @@ from harness.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "galore_adamw")
-# GaLore's settings (galore-torch's GaLoreAdamW parameter group keys) and its projection types
-GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
-GALORE_PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "galore_adamw", "apollo_adamw")
+# The optimizers that keep Adam's moments in a low-rank projection of each attention/MLP
+# weight's gradient: their settings (the parameter group keys of galore-torch's GaLoreAdamW and
+# apollo-torch's APOLLOAdamW) and allowed projection types
+PROJECTION_KEYS = {"galore_adamw": ("rank", "update_proj_gap", "scale", "proj_type"),
+                   "apollo_adamw": ("rank", "update_proj_gap", "scale", "proj_type", "scale_type")}
+PROJ_TYPES = {"galore_adamw": ("std", "reverse_std", "right", "left", "full"),
+              "apollo_adamw": ("std", "reverse_std", "right", "left")}
+APOLLO_SCALE_TYPES = ("channel", "tensor")
+PROJECTING = {"galore_adamw": "GaLore", "apollo_adamw": "APOLLO"}
 
 
 def adalora_schedule(peft_kwargs: dict, max_steps: int) -> dict:
@@ -91,32 +98,38 @@ def _check_choices(config, given: dict, prefix: str) -> None:
 
 
 def peft_config(method_cfg: dict, max_steps: int):
-    """The PEFT config object of a method, or None for full fine-tuning."""
+    """The PEFT config object of a method (a BottleneckConfig for the harness's adapters)."""
     from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftType
+
+    from harness import adapters
 
     kwargs = dict(method_cfg["peft"])
     peft_type = kwargs.pop("peft_type")
-    try:
-        config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(peft_type)]
-    except ValueError:
-        allowed = ", ".join(t.value for t in PeftType)
-        raise ConfigError(f"method.peft.peft_type={peft_type!r} is not a PEFT type (allowed: {allowed})")
+    if peft_type == adapters.PEFT_TYPE:
+        config_cls = adapters.BottleneckConfig
+    else:
+        try:
+            config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(peft_type)]
+        except ValueError:
+            allowed = ", ".join([*(t.value for t in PeftType), adapters.PEFT_TYPE])
+            raise ConfigError(f"method.peft.peft_type={peft_type!r} is not a PEFT type (allowed: {allowed})")
     if peft_type == "ADALORA":
         kwargs = adalora_schedule(kwargs, max_steps)
     fields = {f.name for f in dataclasses.fields(config_cls)}
     for key in kwargs:
         if key not in fields:
-            raise ConfigError(f"method.peft.{key}: not a setting of PEFT's {config_cls.__name__} "
+            owner = "harness.adapters'" if peft_type == adapters.PEFT_TYPE else "PEFT's"
+            raise ConfigError(f"method.peft.{key}: not a setting of {owner} {config_cls.__name__} "
                               f"(allowed: {', '.join(sorted(fields))})")
     try:
-        config = config_cls(task_type="CAUSAL_LM", **kwargs)
+        config = config_cls(**kwargs) if peft_type == adapters.PEFT_TYPE else config_cls(task_type="CAUSAL_LM", **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"method {method_cfg['name']!r}: bad PEFT setting: {e}")
     _check_choices(config, kwargs, "method.peft")
     return config
 
 
-OPTIMIZER_KEYS = ("name", "betas", "eps", "loraplus_lr_ratio", *GALORE_KEYS)
+OPTIMIZER_KEYS = ("name", "betas", "eps", "loraplus_lr_ratio", *PROJECTION_KEYS["apollo_adamw"])
 
 
 def check_settings(method_cfg: dict, train_cfg: dict) -> None:
@@ -140,11 +153,13 @@ def check_settings(method_cfg: dict, train_cfg: dict) -> None:
     if ratio is not None and (method_cfg.get("peft") or {}).get("peft_type") != "LORA":
         raise ConfigError(f"method.optimizer.loraplus_lr_ratio: LoRA+ needs a LoRA method (peft_type LORA), not "
                           f"{(method_cfg.get('peft') or {}).get('peft_type') or 'full fine-tuning'}")
-    galore = [key for key in GALORE_KEYS if key in optimizer]
-    if galore and optimizer["name"] != "galore_adamw":
-        raise ConfigError(f"method.optimizer.{galore[0]}: a GaLore setting; it needs method.optimizer.name=galore_adamw")
-    if optimizer["name"] == "galore_adamw":
-        check_galore(optimizer, method_cfg)
+    name = optimizer["name"]
+    for key in PROJECTION_KEYS["apollo_adamw"]:
+        if key in optimizer and key not in PROJECTION_KEYS.get(name, ()):
+            needs = " or ".join(f"method.optimizer.name={o}" for o, keys in PROJECTION_KEYS.items() if key in keys)
+            raise ConfigError(f"method.optimizer.{key}: a setting of a projecting optimizer; it needs {needs}")
+    if name in PROJECTION_KEYS:
+        check_projection(optimizer, method_cfg)
     lr = train_cfg["lr"] * train_cfg["lr_scale"]
     try:
         make_optimizer(torch.nn.Linear(1, 1), optimizer, lr, train_cfg["weight_decay"], train_cfg["adamw_impl"])
@@ -157,7 +172,9 @@ def check_settings(method_cfg: dict, train_cfg: dict) -> None:
         raise ConfigError(f"{key}={value!r}: {e}")
 
 
-def check_galore(optimizer: dict, method_cfg: dict) -> None:
+def check_projection(optimizer: dict, method_cfg: dict) -> None:
+    """GaLore's and APOLLO's settings."""
+    name = optimizer["name"]
     for key in ("rank", "update_proj_gap"):
         value = optimizer.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -165,17 +182,20 @@ def check_galore(optimizer: dict, method_cfg: dict) -> None:
     scale = optimizer.get("scale")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
         raise ConfigError(f"method.optimizer.scale={scale!r}: must be a positive number")
-    if optimizer.get("proj_type") not in GALORE_PROJ_TYPES:
+    if optimizer.get("proj_type") not in PROJ_TYPES[name]:
         raise ConfigError(f"method.optimizer.proj_type={optimizer.get('proj_type')!r}: allowed values are "
-                          f"{', '.join(GALORE_PROJ_TYPES)}")
+                          f"{', '.join(PROJ_TYPES[name])}")
+    if name == "apollo_adamw" and optimizer.get("scale_type") not in APOLLO_SCALE_TYPES:
+        raise ConfigError(f"method.optimizer.scale_type={optimizer.get('scale_type')!r}: allowed values are "
+                          f"{', '.join(APOLLO_SCALE_TYPES)}")
     if method_cfg.get("peft") or method_cfg.get("quantization"):
-        raise ConfigError("method.optimizer.name=galore_adamw: GaLore trains every weight of a full-precision model; "
-                          "set method.peft and method.quantization to null")
+        raise ConfigError(f"method.optimizer.name={name}: {PROJECTING[name]} trains every weight of a "
+                          "full-precision model; set method.peft and method.quantization to null")
 
 
-def galore_weights(model) -> list:
-    """The weights GaLore projects: every Linear of the decoder's attention and MLP blocks (as
-    transformers' Trainer targets them); embeddings, norms and lm_head keep plain AdamW."""
+def projected_weights(model) -> list:
+    """The weights GaLore and APOLLO project: every Linear of the decoder's attention and MLP
+    blocks (as transformers' Trainer targets them); embeddings, norms and lm_head keep plain AdamW."""
     import torch
 
     return [m.weight for name, m in model.named_modules()
@@ -186,6 +206,8 @@ def apply_method(model, method_cfg: dict, *, max_steps: int, gradient_checkpoint
                  weights_file: str | None = None):
     """Make the loaded model trainable as the method says; returns the model to train."""
     from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from harness import adapters
 
     gc_kwargs = {"use_reentrant": False}
     if method_cfg.get("quantization"):
@@ -205,7 +227,10 @@ def apply_method(model, method_cfg: dict, *, max_steps: int, gradient_checkpoint
 
     config = peft_config(method_cfg, max_steps)
     try:
-        model = get_peft_model(model, config)
+        if isinstance(config, adapters.BottleneckConfig):
+            model = adapters.add_adapters(model, config)
+        else:
+            model = get_peft_model(model, config)
     except ValueError as e:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
         raise ConfigError(
@@ -242,7 +267,7 @@ def make_optimizer(model, optimizer_cfg: dict, lr: float, weight_decay: float, a
               "weight_decay": weight_decay}
     if name == "adamw":
         cls, kwargs = torch.optim.AdamW, {**kwargs, **ADAMW_IMPLS[adamw_impl]}
-    elif name == "galore_adamw":
+    elif name in PROJECTION_KEYS:
         cls = None
     elif name in ("adamw_8bit", "paged_adamw_8bit"):
         import bitsandbytes as bnb
@@ -250,14 +275,18 @@ def make_optimizer(model, optimizer_cfg: dict, lr: float, weight_decay: float, a
         cls = bnb.optim.AdamW8bit if name == "adamw_8bit" else bnb.optim.PagedAdamW8bit
     else:
         raise ConfigError(f"method.optimizer.name={name!r} is unknown (allowed: {', '.join(OPTIMIZERS)})")
-    if name == "galore_adamw":  # GaLore (galore-torch): Adam states in a rank-r projection of the gradient
-        from galore_torch import GaLoreAdamW
-
-        projected = galore_weights(model)
+    if name in PROJECTION_KEYS:  # Adam states in a rank-r projection of the gradient
+        projected = projected_weights(model)
         ids = {id(p) for p in projected}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-        group = {key: optimizer_cfg[key] for key in GALORE_KEYS}
-        return GaLoreAdamW([{"params": rest}, {"params": projected, **group}], no_deprecation_warning=True, **kwargs)
+        group = {key: optimizer_cfg[key] for key in PROJECTION_KEYS[name]}
+        if name == "galore_adamw":  # GaLore: an SVD of the gradient every update_proj_gap steps
+            from galore_torch import GaLoreAdamW as cls
+        else:  # APOLLO: a random projection; the update is the raw gradient scaled per channel
+            from apollo_torch import APOLLOAdamW as cls
+
+            group["proj"] = "random"
+        return cls([{"params": rest}, {"params": projected, **group}], no_deprecation_warning=True, **kwargs)
     ratio = optimizer_cfg.get("loraplus_lr_ratio")
     if ratio is not None:
         from peft.optimizers import create_loraplus_optimizer

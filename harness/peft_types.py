@@ -182,6 +182,20 @@ def _ptuning_not_modelled(peft):
     return "P-tuning with an LSTM prompt encoder" if kind != "MLP" else None
 
 
+# --------------------------------------------------------------------------- bottleneck adapters
+
+def _bottleneck_params(peft, shapes, mods, base_dtype):
+    b = size(peft)  # down (o x b) and up (b x o), with biases, on each targeted module's output
+    return shapes["layers"] * sum(2 * o * b + b + o for _, _, o, _ in mods), 0
+
+
+def _bottleneck_saves(peft, name, fan_in, fan_out, c, mask):
+    # the down-projection's bf16 input (the module's output, cast), and the bottleneck: ReLU and
+    # tanh keep their output, which is also the up-projection's input; GELU and SiLU their input too
+    kept = 1 if peft.get("nonlinearity", "relu") in ("relu", "tanh") else 2
+    return c * fan_out + kept * c * size(peft)
+
+
 TYPES: dict[str, PeftType] = {
     "LORA": PeftType(_lora_params, _lora_saves, _lora_weight_saves, knob="r", knob_default=8,
                      rescale=_lora_rescale, casts_weights=True),
@@ -197,6 +211,9 @@ TYPES: dict[str, PeftType] = {
     "PROMPT_TUNING": PeftType(_prompt_params, knob="num_virtual_tokens", virtual="prompt"),
     "P_TUNING": PeftType(_ptuning_params, knob="num_virtual_tokens", virtual="prompt", casts_weights=True,
                          sequence_saves=_ptuning_sequence_saves, not_modelled=_ptuning_not_modelled),
+    # the harness's own bottleneck adapters (harness/adapters.py): not a PEFT type
+    "BOTTLENECK": PeftType(_bottleneck_params, _bottleneck_saves, knob="bottleneck_size", knob_default=64,
+                           casts_weights=True),
     "PREFIX_TUNING": PeftType(_prefix_params, knob="num_virtual_tokens", virtual="prefix",
                               not_modelled=lambda peft: "prefix tuning with prefix_projection"
                               if peft.get("prefix_projection") else None),

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import FAST, cli, results_under, run_cli
+from conftest import FAST, REPO, cli, results_under, run_cli
 from harness import results
 
 
@@ -121,6 +121,11 @@ def test_help_lists_groups_and_options(tmp_path):
     for word in ("model:", "method:", "task:", "qlora", "lora8", "adalora", "prefix", "prompt", "full",
                  "tiny-1m", "tiny-5m", "tiny-13m", "arithmetic", "max_steps"):
         assert word in proc.stdout
+    # every method config: one line, its name then a whole sentence (its comment's first line)
+    lines = proc.stdout.splitlines()
+    for path in (REPO / "conf/method").glob("*.yaml"):
+        line = [x for x in lines if x.split()[:1] == [path.stem] and x.startswith("  ")]
+        assert len(line) == 1 and line[0].endswith("."), (path.stem, line)
 
 
 def test_method_that_cannot_apply_is_refused_by_the_job(tmp_path):

@@ -142,14 +142,16 @@ def test_miss_trains_one_block_per_layer_of_rank_by_output_width(method_results)
         "trainable_params"]
 
 
-@pytest.mark.parametrize("method", ["loraplus", "miss", "ptuning"])
+@pytest.mark.parametrize("method", ["loraplus", "miss", "ptuning", "adapter", "adapter-pfeiffer"])
 def test_a_trained_adapter_saves_reloads_and_answers_the_same(method, tmp_path, model_cache):
     """The methods added in issue 20: a few training steps, save_pretrained, then PEFT's
-    from_pretrained onto a fresh base model gives the same logits and the same greedy answers."""
+    from_pretrained onto a fresh base model gives the same logits and the same greedy answers
+    (the bottleneck adapters: harness.adapters' save and load, in PEFT's file names)."""
     import torch
     from peft import PeftModel
 
     from conftest import compose
+    from harness import adapters
     from harness.data import batch_stream, tokenize_examples
     from harness.evaluation import generate_answers
     from harness.methods import apply_method, make_optimizer
@@ -174,8 +176,14 @@ def test_a_trained_adapter_saves_reloads_and_answers_the_same(method, tmp_path, 
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    model.save_pretrained(tmp_path / "adapter")
-    reloaded = PeftModel.from_pretrained(base(), tmp_path / "adapter")
+    if adapters.has_adapters(model):
+        adapters.save_adapters(model, tmp_path / "adapter")
+        assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
+                                                                          "adapter_model.safetensors"]
+        reloaded = adapters.load_adapters(base(), tmp_path / "adapter")
+    else:
+        model.save_pretrained(tmp_path / "adapter")
+        reloaded = PeftModel.from_pretrained(base(), tmp_path / "adapter")
     prompts = list(splits["test"]["prompt"][:8])
     batch = tokenizer(prompts[:1], return_tensors="pt")
     with torch.no_grad():
@@ -187,25 +195,59 @@ def test_a_trained_adapter_saves_reloads_and_answers_the_same(method, tmp_path, 
     assert answers[0] == answers[1] and all(isinstance(a, str) for a in answers[0])
 
 
-def test_galore_projects_the_attention_and_mlp_weights_and_keeps_small_moments(model_cache):
-    """GaLore: every attention/MLP weight in the rank group (galore-torch's GaLoreAdamW), the
-    rest (embeddings, norms, lm_head) with plain AdamW; after a step each projected weight's
-    moments are rank x max(m, n), and the recorded state bytes count the projection matrices."""
+def test_bottleneck_adapters_sit_after_attention_and_mlp_and_start_as_the_identity(model_cache):
+    """Houlsby's adapters wrap o_proj and down_proj of every layer (Pfeiffer's down_proj only):
+    2 * width * bottleneck + bottleneck + width trainable parameters each, the base frozen;
+    with the zero-initialised up-projection the model's logits are the base model's."""
     import torch
 
     from conftest import compose
-    from harness.methods import apply_method, galore_weights, make_optimizer, optimizer_state_bytes
+    from harness.adapters import BottleneckAdapter
+    from harness.methods import apply_method
     from harness.models import load_model, resolve_model_source
 
-    cfg = compose(["method=galore", "model=tiny-5m", "model.init=random", "method.optimizer.rank=16"])
+    for method, targets in (("adapter", {"o_proj", "down_proj"}), ("adapter-pfeiffer", {"down_proj"})):
+        cfg = compose([f"method={method}", "method.peft.bottleneck_size=8"])
+        source = resolve_model_source(cfg["model"])
+        base = load_model(source, None, dtype=torch.bfloat16, quantization=None, device=torch.device("cpu"))
+        ids = torch.randint(3, base.config.vocab_size, (2, 12))
+        with torch.no_grad():
+            before = base(input_ids=ids).logits
+        model = apply_method(base, cfg["method"], max_steps=10, gradient_checkpointing=False)
+        wrapped = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if isinstance(m, BottleneckAdapter)}
+        layers, h = model.config.num_hidden_layers, model.config.hidden_size
+        assert set(wrapped) == targets
+        assert sum(isinstance(m, BottleneckAdapter) for m in model.modules()) == len(targets) * layers
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert all(".adapter_" in n and p.dtype == torch.float32 for n, p in trainable.items())
+        assert sum(p.numel() for p in trainable.values()) == len(targets) * layers * (2 * h * 8 + 8 + h)
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, before)
+
+
+@pytest.mark.parametrize("method", ["galore", "apollo"])
+def test_galore_and_apollo_project_the_attention_and_mlp_weights_and_keep_small_moments(model_cache, method):
+    """GaLore and APOLLO: every attention/MLP weight in the rank group (galore-torch's
+    GaLoreAdamW, apollo-torch's APOLLOAdamW), the rest (embeddings, norms, lm_head) with plain
+    AdamW; after a step each projected weight's moments are rank x max(m, n), and the recorded
+    state bytes count the projection matrices (GaLore's: a slice of the SVD's U or Vh, whose
+    whole storage stays alive; APOLLO's: a random rank x min(m, n) matrix)."""
+    import torch
+
+    from conftest import compose
+    from harness.methods import apply_method, make_optimizer, optimizer_state_bytes, projected_weights
+    from harness.models import load_model, resolve_model_source
+
+    cfg = compose([f"method={method}", "model=tiny-5m", "model.init=random", "method.optimizer.rank=16"])
     model = load_model(resolve_model_source(cfg["model"]), None, dtype=torch.float32, quantization=None,
                        device="cpu")
     model = apply_method(model, cfg["method"], max_steps=10, gradient_checkpointing=False)
     optimizer = make_optimizer(model, cfg["method"]["optimizer"], lr=1e-4, weight_decay=0.0)
+    assert type(optimizer).__module__.split(".")[0] == {"galore": "galore_torch", "apollo": "apollo_torch"}[method]
     rest, projected = optimizer.param_groups
     layers = model.config.num_hidden_layers
     assert len(projected["params"]) == 7 * layers and projected["rank"] == 16
-    assert projected["params"] == galore_weights(model)
+    assert projected["params"] == projected_weights(model)
     assert len(rest["params"]) + len(projected["params"]) == len(list(model.parameters()))
     ids = torch.randint(3, model.config.vocab_size, (2, 12))
     model(input_ids=ids, labels=ids).loss.backward()
@@ -216,7 +258,10 @@ def test_galore_projects_the_attention_and_mlp_weights_and_keeps_small_moments(m
         assert moments.shape == ((m, 16) if m >= n else (16, n))  # 'std': the longer side kept
     plain = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                 if isinstance(t, torch.Tensor))
-    matrices = sum(min(w.shape) ** 2 * 4 for w in projected["params"])  # U or Vh, whole
+    if method == "galore":
+        matrices = sum(min(w.shape) ** 2 * 4 for w in projected["params"])  # U or Vh, whole
+    else:
+        matrices = sum(16 * min(w.shape) * 4 for w in projected["params"])
     assert optimizer_state_bytes(optimizer) == plain + matrices
 
 

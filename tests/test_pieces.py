@@ -544,14 +544,18 @@ def test_training_flops_per_token_by_method(model_cache):
     assert per_method["ptuning"] == pytest.approx(per_method["prompt"] + 6 * 3 * 128 * 128 * 20 / s)
 
 
-def test_galore_projections_cost_flops_once_per_step():
+def test_galore_and_apollo_projections_cost_flops_once_per_step():
     import torch
 
     from harness import flops
 
     weights = [torch.empty(64, 32), torch.empty(32, 96), torch.empty(8, 8)]
-    # 4 * m * n * min(r, m, n) each, r=16
-    assert flops.galore_step_flops(weights, 16) == 4 * (64 * 32 * 16 + 32 * 96 * 16 + 8 * 8 * 8)
+    # GaLore: 4 * m * n * min(r, m, n) each (there and back), r=16
+    assert flops.projection_step_flops(weights, {"name": "galore_adamw", "rank": 16}) == \
+        4 * (64 * 32 * 16 + 32 * 96 * 16 + 8 * 8 * 8)
+    # APOLLO: 2 * m * n * r each (the gradient projected, not the update; r not clipped)
+    assert flops.projection_step_flops(weights, {"name": "apollo_adamw", "rank": 16}) == \
+        2 * 16 * (64 * 32 + 32 * 96 + 8 * 8)
 
 
 @pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),
