@@ -48,7 +48,8 @@ def peak_tflops(device_name: str | None) -> float | None:
 
 def matmul_weights(model) -> tuple[int, int, int]:
     """(frozen, trainable, encoder) weights that take part in matmuls: Linear layers (lm_head
-    and quantized ones included, a packed 4-bit weight counted at its logical size) and
+    and quantized ones included, bitsandbytes' and HQQ's packed weights counted at their
+    logical size) and
     trainable adapter tensors (LoRA, AdaLoRA), run for every token; and the Linear weights of a
     prompt encoder (P-tuning's MLP), run once per sequence. Embeddings, prompt embeddings and
     prefixes are lookups."""
@@ -63,6 +64,8 @@ def matmul_weights(model) -> tuple[int, int, int]:
             in_linear_or_lookup.update(id(p) for p in module.parameters(recurse=False))
         if isinstance(module, torch.nn.Linear) and id(module) in in_encoder:
             encoder += module.weight.numel()
+        elif type(module).__name__ == "HQQLinear":  # HQQ's quantized Linear: a frozen matmul
+            frozen += module.meta["shape"].numel()
         elif isinstance(module, torch.nn.Linear):
             quant_state = getattr(module.weight, "quant_state", None)
             n = quant_state.shape.numel() if quant_state is not None else module.weight.numel()

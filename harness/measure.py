@@ -390,11 +390,31 @@ class StepTimer:
 # --------------------------------------------------------------------------- sizes
 
 
+def hqq_layers(model) -> list:
+    """The model's HQQ-quantized Linear layers (hqq's HQQLinear), without importing hqq."""
+    return [m for m in model.modules() if type(m).__name__ == "HQQLinear"]
+
+
+def _hqq_side_bytes(layer) -> int:
+    """Bytes of an HQQ layer's scales and zero points (its `meta`; quantized ones included)."""
+    import torch
+
+    def tensors(d):
+        for v in d.values():
+            if isinstance(v, torch.Tensor):
+                yield v
+            elif isinstance(v, dict):
+                yield from tensors(v)
+
+    return sum(_nbytes(t) for t in tensors(layer.meta))
+
+
 def count_params(model) -> dict:
     """Trainable and total parameters, counting each packed 4-bit weight as its logical size."""
     trainable = total = 0
+    hqq = {id(m.W_q): m.meta["shape"].numel() for m in hqq_layers(model)}  # packed: its logical size
     for p in model.parameters():
-        n = _logical_numel(p)
+        n = hqq.get(id(p)) or _logical_numel(p)
         total += n
         if p.requires_grad:
             trainable += n
@@ -430,9 +450,15 @@ def _quant_state_bytes(p) -> tuple[int, int]:
 def weight_bytes(model) -> dict:
     """Bytes of all weights as stored (packed 4-bit as packed, quantization scales and tables
     included), and the bits per weight of the quantized Linear layers, scales included (the
-    QLoRA paper's 4.127 bits for NF4 with double quantization); None without any."""
+    QLoRA paper's 4.127 bits for NF4 with double quantization; HQQ's 4 bits with a bf16 scale
+    and zero per 64 weights: 4.5); None without any."""
     total = 0
     quant_bytes = quant_weights = 0
+    for layer in hqq_layers(model):  # HQQ: the packed weight is a parameter, its scales are not
+        side = _hqq_side_bytes(layer)
+        total += side
+        quant_bytes += _nbytes(layer.W_q) + side
+        quant_weights += layer.meta["shape"].numel()
     seen = set()
     for p in list(model.parameters()) + list(model.buffers()):
         if id(p) in seen:

@@ -50,6 +50,8 @@ on a CPU).
 
 from __future__ import annotations
 
+import math
+
 from harness import peft_types
 
 MIB = 2**20
@@ -158,6 +160,28 @@ def adapter_params(shapes: dict, peft: dict | None, base_dtype: str = "bfloat16"
     return peft_type(peft).params(peft, shapes, targeted(shapes, peft.get("target_modules")), base_dtype)
 
 
+# HQQ's packing (hqq.core.bitpack), by bits per weight: (values per word, bytes per word)
+HQQ_PACKING = {8: (1, 1), 4: (2, 1), 3: (10, 4), 2: (4, 1), 1: (8, 1)}
+
+
+def is_hqq(method: dict) -> bool:
+    return (method.get("quantization") or {}).get("quant_method") == "hqq"
+
+
+def hqq_weight_bytes(shapes: dict, quant: dict, compute_bytes: int) -> float:
+    """Bytes of the HQQ-quantized Linear weights of the decoder layers: each out x in weight in
+    groups of `group_size` (rows of the packed tensor: out * in / group_size), packed along
+    them (3 bits: ten values per int32 word, the rows padded to a multiple of ten), with a scale
+    and a zero point per group in the compute dtype."""
+    nbits, group = quant.get("nbits", 4), quant.get("group_size", 64)
+    per_word, word_bytes = HQQ_PACKING[nbits]
+    total = 0.0
+    for _, n, m, _ in shapes["linears"]:
+        groups = m * n / group
+        total += math.ceil(groups / per_word) * group * word_bytes + 2 * groups * compute_bytes
+    return shapes["layers"] * total
+
+
 def weight_bytes(shapes: dict, method: dict) -> dict:
     """Bytes of the model's weights as stored, and the parameter counts behind them."""
     quant = method.get("quantization") or {}
@@ -166,7 +190,9 @@ def weight_bytes(shapes: dict, method: dict) -> dict:
     linear_weights = layers * sum(i * o for _, i, o, _ in shapes["linears"])
     other = (layers * (sum(o for _, _, o, b in shapes["linears"] if b) + shapes["norm_params"])
              + h + vocab * h * (1 if shapes["tied"] else 2))  # biases, norms, embeddings, lm_head
-    if quant.get("load_in_4bit"):
+    if quant.get("quant_method") == "hqq":
+        base = hqq_weight_bytes(shapes, quant, base_bytes) + other * base_bytes  # kbit prep casts nothing
+    elif quant.get("load_in_4bit"):
         blocks = linear_weights / NF4_BLOCK
         if quant.get("bnb_4bit_use_double_quant"):
             scales = blocks * 1 + blocks / DQ_BLOCK * 4  # 8-bit absmax + fp32 second-level scales
@@ -258,11 +284,14 @@ def layer_activation_bytes(shapes: dict, method: dict, *, tokens: float, seq: fl
     c = compute_bytes
     h, q_dim, kv_dim, inter, heads = (shapes[k] for k in ("hidden", "q_dim", "kv_dim", "intermediate", "heads"))
     quantized = bool(method.get("quantization"))
+    hqq = is_hqq(method)
     full = not method.get("peft")
     base_is_fp32 = method["base_dtype"] == "float32"
-    residual = 4 if (base_is_fp32 or quantized) else c  # kbit prep casts norms and embeddings to fp32
-    # bitsandbytes layers return their input's dtype (fp32 after kbit prep); others, autocast's
-    linear_out = residual if quantized else c
+    # kbit prep casts norms and embeddings to fp32 (not on an HQQ model: PEFT leaves those as they are)
+    residual = 4 if (base_is_fp32 or (quantized and not hqq)) else c
+    # bitsandbytes layers return their input's dtype (fp32 after kbit prep); others (HQQ's
+    # included), autocast's
+    linear_out = residual if quantized and not hqq else c
 
     per_token = 0.0
     # RMSNorm (x2): the fp32 input and 1/rms; a trained norm weight also keeps the normalized x
@@ -283,6 +312,9 @@ def layer_activation_bytes(shapes: dict, method: dict, *, tokens: float, seq: fl
         qkv_in = c * h * (casts_per_input or 3)
         gate_up_in = c * h * (casts_per_input or 2)
         per_token += qkv_in + gate_up_in + c * q_dim + c * inter  # + o_proj and down_proj inputs
+    if hqq:  # HQQ's autograd function keeps each layer's input as it came: the fp32 normed
+        # residual (once for q/k/v, once for gate/up), the attention output, the MLP product
+        per_token += 2 * residual * h + c * q_dim + c * inter
     peft = method.get("peft")
     fixed = 0.0
     if peft:  # what each adapter module keeps (harness/peft_types.py)
@@ -314,7 +346,7 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
 
     one_layer = layer_activation_bytes(shapes, method, tokens=tokens, seq=seq, context=seq + prefix,
                                        compute_bytes=c, device=device, attention=attention, padded=padded)
-    residual = 4 if (method["base_dtype"] == "float32" or method.get("quantization")) else c
+    residual = 4 if (method["base_dtype"] == "float32" or (method.get("quantization") and not is_hqq(method))) else c
     if gradient_checkpointing:  # each layer's input, plus one layer recomputed in the backward
         activations = layers * tokens * shapes["hidden"] * residual + one_layer
     else:
@@ -347,10 +379,11 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
             autocast_copies = 2 * (w["linear_weights"] + lm_head)
         else:
             autocast_copies = 2 * trainable if peft and peft_type(peft).casts_weights else 0
-            if method.get("quantization"):  # kbit prep leaves lm_head in fp32
+            if method.get("quantization") and not is_hqq(method):  # kbit prep leaves lm_head in fp32
                 autocast_copies += 2 * lm_head
-    # dequantized weight of the layer being computed (bitsandbytes), forward or backward
-    dequant = 2 * largest if method.get("quantization") else 0
+    # dequantized weight of the layer being computed, forward or backward: bitsandbytes' bf16
+    # copy; HQQ's unpacked weight, less the zero point, times the scale (three alive at once)
+    dequant = (3 * c if is_hqq(method) else 2) * largest if method.get("quantization") else 0
     accumulated = gradients if grad_accum > 1 else 0
     forward_backward = activations + logits + backward_working + autocast_copies + dequant + accumulated
     # the step: multi-tensor ("foreach") AdamW, torch's default on CUDA, builds a state-sized

@@ -57,13 +57,17 @@ DTYPE_KEYS = {"bnb_4bit_compute_dtype": ("bfloat16", "float16", "float32"),
 
 
 def quantization_config(quantization: dict):
-    """transformers' BitsAndBytesConfig of a method's `quantization` block. It takes unknown
-    keys and unknown 4-bit types silently (and fails later, deep in loading): both are refused
-    here with one ConfigError naming the key and what is allowed."""
+    """transformers' BitsAndBytesConfig of a method's `quantization` block (HqqConfig with
+    `quant_method: hqq`). BitsAndBytesConfig takes unknown keys and unknown 4-bit types silently
+    (and fails later, deep in loading): both are refused here with one ConfigError naming the
+    key and what is allowed."""
     import inspect
 
     import torch
     from transformers import BitsAndBytesConfig
+
+    if "quant_method" in quantization:
+        return hqq_config(quantization)
 
     allowed = [k for k in inspect.signature(BitsAndBytesConfig).parameters if k != "kwargs"]
     for key, value in quantization.items():
@@ -78,6 +82,36 @@ def quantization_config(quantization: dict):
                           f"allowed values are {', '.join(QUANT_TYPES)}")
     try:
         return BitsAndBytesConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"method.quantization: {e}")
+
+
+HQQ_NBITS = (1, 2, 3, 4, 8)
+
+
+def hqq_config(quantization: dict):
+    """transformers' HqqConfig of a `quantization: {quant_method: hqq, nbits: ..., ...}` block.
+    transformers' loader cannot quantize with it yet (5.x), so load_model quantizes the loaded
+    model with hqq's own AutoHQQHFModel (harness/models.py)."""
+    import importlib.util
+    import inspect
+
+    from transformers import HqqConfig
+
+    if quantization["quant_method"] != "hqq":
+        raise ConfigError(f"method.quantization.quant_method={quantization['quant_method']!r}: allowed values are "
+                          "hqq (leave it out for bitsandbytes)")
+    allowed = ["quant_method", *(k for k in inspect.signature(HqqConfig).parameters if k != "kwargs")]
+    for key in quantization:
+        if key not in allowed:
+            raise ConfigError(f"method.quantization.{key}: not an HqqConfig setting (allowed: {', '.join(allowed)})")
+    if quantization.get("nbits", 4) not in HQQ_NBITS:
+        raise ConfigError(f"method.quantization.nbits={quantization['nbits']!r}: allowed values are "
+                          f"{', '.join(map(str, HQQ_NBITS))}")
+    if importlib.util.find_spec("hqq") is None:
+        raise ConfigError("method.quantization.quant_method=hqq needs the hqq package: pip install hqq")
+    try:
+        return HqqConfig(**{k: v for k, v in quantization.items() if k != "quant_method"})
     except (TypeError, ValueError) as e:
         raise ConfigError(f"method.quantization: {e}")
 

@@ -569,14 +569,30 @@ def load_model(source: str, revision: str | None, *, dtype, quantization: dict |
 
     kwargs = {"revision": revision, "dtype": dtype, "attn_implementation": "sdpa", "use_safetensors": True,
               "trust_remote_code": trust_remote_code}
-    if quantization:
-        kwargs["quantization_config"] = quantization_config(quantization)
+    config = quantization_config(quantization) if quantization else None
+    hqq = config is not None and config.quant_method == "hqq"
+    if config is not None and not hqq:
+        kwargs["quantization_config"] = config
         kwargs["device_map"] = {"": str(device)}  # bitsandbytes quantizes while placing weights
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if not quantization:
+    if config is None or hqq:
         model.to(device)
+    if hqq:
+        quantize_with_hqq(model, config, dtype, device)
     keep_4bit_layout_trainable(model)
     return model
+
+
+def quantize_with_hqq(model, config, dtype, device) -> None:
+    """Quantize every Linear of the decoder layers with HQQ (hqq's AutoHQQHFModel: transformers
+    5 cannot yet load with an HqqConfig), computing in `dtype`, and run its layers through
+    hqq's PyTorch backend with autograd support, which dequantizes each weight again in the
+    backward pass instead of keeping a dequantized copy for it (the default backend keeps it)."""
+    from hqq.core.quantize import HQQBackend, HQQLinear
+    from hqq.models.hf.base import AutoHQQHFModel
+
+    AutoHQQHFModel.quantize_model(model, quant_config=config.quant_config, compute_dtype=dtype, device=str(device))
+    HQQLinear.set_backend(HQQBackend.PYTORCH_BACKPROP)
 
 
 def keep_4bit_layout_trainable(model) -> None:

@@ -104,6 +104,21 @@ def test_newer_quantized_methods_hold_4bit_weights(method_results):
     assert trainable["ia3"] < trainable["vera"] < trainable["lora"]
 
 
+def test_hqq_methods_hold_2_3_and_4_bit_weights_with_their_group_scales(method_results):
+    """LoRA on HQQ bases: real bits per weight are the packed bits plus a scale and a zero point
+    per group of 64 in the compute dtype (bf16, or fp32 where bf16 is emulated): 4.5, 3.7
+    (3-bit: ten values per int32 word, 3.2 bits) and 2.5 at bf16. The same LoRA as qlora trains
+    on each, and every HQQ layer is a frozen matmul in the FLOP count (the same FLOPs as qlora)."""
+    for bits in (2, 3, 4):
+        r = method_results[f"lora-hqq{bits}"]
+        compute_bits = 16 if r["env"]["bf16_native"] else 32
+        packed = {2: 2.0, 3: 3.2, 4: 4.0}[bits]
+        assert r["metrics"]["quantized_bits_per_weight"] == pytest.approx(packed + 2 * compute_bits / 64, abs=0.06)
+        assert r["metrics"]["trainable_params"] == method_results["qlora"]["metrics"]["trainable_params"]
+        assert r["metrics"]["total_params"] == method_results["qlora"]["metrics"]["total_params"]
+        assert r["metrics"]["flops_per_token"] == pytest.approx(method_results["qlora"]["metrics"]["flops_per_token"])
+
+
 def test_8bit_adamw_keeps_a_quarter_of_the_optimizer_state(method_results):
     full = method_results["full"]["metrics"]["optimizer_state_bytes"]
     for method in ("full-adam8bit", "full-paged"):
@@ -142,7 +157,7 @@ def test_miss_trains_one_block_per_layer_of_rank_by_output_width(method_results)
         "trainable_params"]
 
 
-@pytest.mark.parametrize("method", ["loraplus", "miss", "ptuning", "adapter", "adapter-pfeiffer"])
+@pytest.mark.parametrize("method", ["loraplus", "miss", "ptuning", "adapter", "adapter-pfeiffer", "lora-hqq3"])
 def test_a_trained_adapter_saves_reloads_and_answers_the_same(method, tmp_path, model_cache):
     """The methods added in issue 20: a few training steps, save_pretrained, then PEFT's
     from_pretrained onto a fresh base model gives the same logits and the same greedy answers
@@ -163,8 +178,9 @@ def test_a_trained_adapter_saves_reloads_and_answers_the_same(method, tmp_path, 
     tokenizer = load_tokenizer(source, None)
     splits = load_task(cfg["task"])
 
-    def base():
-        return load_model(source, None, dtype=torch.bfloat16, quantization=None, device=torch.device("cpu"))
+    def base():  # a fresh base model, quantized as the method says (HQQ: deterministic)
+        return load_model(source, None, dtype=torch.bfloat16, quantization=cfg["method"]["quantization"],
+                          device=torch.device("cpu"))
 
     model = apply_method(base(), cfg["method"], max_steps=10, gradient_checkpointing=False)
     optimizer = make_optimizer(model, cfg["method"]["optimizer"], lr=cfg["method"]["lr"], weight_decay=0.0)

@@ -297,6 +297,12 @@ BAD_INPUT = [
     (H, lambda t: ["method=adapter-pfeiffer", "+method.peft.r=8"],
      "method.peft.r: not a setting of harness.adapters' BottleneckConfig (allowed: bottleneck_size, nonlinearity, "
      "target_modules, zero_init_up)"),
+    (H, lambda t: ["method=lora-hqq4", "method.quantization.nbits=5"],
+     "method.quantization.nbits=5: allowed values are 1, 2, 3, 4, 8"),
+    (H, lambda t: ["method=lora-hqq4", "method.quantization.quant_method=gptq"],
+     "method.quantization.quant_method='gptq': allowed values are hqq (leave it out for bitsandbytes)"),
+    (H, lambda t: ["method=lora-hqq4", "+method.quantization.load_in_4bit=true"],
+     "method.quantization.load_in_4bit: not an HqqConfig setting (allowed: quant_method, nbits, group_size"),
     (H, lambda t: ["method=galore", "method.optimizer.rank=0"], "method.optimizer.rank=0: must be a positive integer"),
     (H, lambda t: ["method=galore", "method.optimizer.proj_type=diagonal"],
      "method.optimizer.proj_type='diagonal': allowed values are std, reverse_std, right, left, full"),
