@@ -74,6 +74,8 @@ def matmul_weights(model) -> tuple[int, int, int]:
             else:
                 frozen += n
     for name, p in model.named_parameters():  # adapter tensors that are not Linear layers
+        if name.endswith("adaption_prompt"):  # LLaMA-Adapter's prompts: see adaption_prompt_flops
+            continue
         if p.requires_grad and id(p) not in in_linear_or_lookup and p.dim() > 1:
             trainable += p.numel()
     return frozen, trainable, encoder
@@ -89,6 +91,26 @@ def training_flops_per_token(model_config, frozen: int, trainable: int, seq_len:
     attention = 12 * layers * heads * head_dim * context
     per_token = 4 * frozen + 6 * trainable + attention
     return per_token * (seq_len + prompt_tokens) / seq_len + 6 * encoder * prompt_tokens / seq_len
+
+
+def adaption_prompt_flops(model_config, adapter_len: int, adapted_layers: int, context: float) -> float:
+    """What LLaMA-Adapter changes in the training FLOPs per token (PEFT's AdaptedAttention, on
+    Llama-style layers). The layers below the adapters run forward only: their frozen matmuls
+    cost 2 FLOPs per weight instead of 4, their attention 4 per head dimension and position
+    instead of 12. Each adapted layer adds its adapter attention: q_proj recomputed (forward and
+    input gradient) and v_proj recomputed (forward; unused), scores and output over adapter_len
+    prompt positions (2 + 4 FLOPs each per query dimension and position), o_proj on the output
+    (forward and input gradient). The prompts' own key/value projections, once per step, are
+    left out."""
+    layers, heads = model_config.num_hidden_layers, model_config.num_attention_heads
+    h, inter = model_config.hidden_size, model_config.intermediate_size
+    head_dim = getattr(model_config, "head_dim", None) or h // heads
+    q, kv = heads * head_dim, (getattr(model_config, "num_key_value_heads", None) or heads) * head_dim
+    layer_weights = h * q + 2 * h * kv + q * h + 3 * h * inter
+    below = layers - adapted_layers
+    saved = below * (2 * layer_weights + 8 * q * context)
+    added = adapted_layers * (4 * h * q + 2 * h * kv + 12 * q * adapter_len + 4 * q * h)
+    return added - saved
 
 
 def projection_step_flops(weights, optimizer: dict) -> float:

@@ -119,6 +119,12 @@ def check_method_applies(method: dict, model_config, seq_len: int, device) -> No
         raise ConfigError(f"method {name!r} needs a CUDA GPU (device here: {device}); it cannot run on a CPU")
     if method.get("quantization") and not method.get("peft"):
         raise ConfigError(f"method {name!r}: a quantized base cannot be fully fine-tuned; add a `peft` block")
+    if (method.get("peft") or {}).get("peft_type") == "ADAPTION_PROMPT":
+        from peft.tuners.adaption_prompt.config import TRANSFORMERS_MODEL_CONFIG
+
+        if model_config.model_type not in TRANSFORMERS_MODEL_CONFIG:
+            raise ConfigError(f"method {name!r}: PEFT's adaption prompts (LLaMA-Adapter) support the model types "
+                              f"{', '.join(TRANSFORMERS_MODEL_CONFIG)}, not {model_config.model_type!r}")
     virtual = (method.get("peft") or {}).get("num_virtual_tokens") or 0
     limit = getattr(model_config, "max_position_embeddings", None)
     if virtual and limit and virtual + seq_len > limit:
@@ -157,9 +163,13 @@ def training_flops(model, model_config, method: dict, examples: list[dict], devi
 
     prompt, prefix = peft_types.virtual_tokens(method.get("peft"))
     frozen, trainable, encoder = flops.matmul_weights(model)
-    per_token = flops.training_flops_per_token(
-        model_config, frozen, trainable, seq_len=sum(len(e["input_ids"]) for e in examples) / len(examples),
-        prompt_tokens=prompt, prefix_tokens=prefix, encoder=encoder)
+    seq_len = sum(len(e["input_ids"]) for e in examples) / len(examples)
+    per_token = flops.training_flops_per_token(model_config, frozen, trainable, seq_len=seq_len,
+                                               prompt_tokens=prompt, prefix_tokens=prefix, encoder=encoder)
+    peft = method.get("peft") or {}
+    if peft.get("peft_type") == "ADAPTION_PROMPT":  # LLaMA-Adapter: forward-only lower layers, adapter attention
+        adapted = peft_types.TYPES["ADAPTION_PROMPT"].backward_layers(peft, model_config.num_hidden_layers)
+        per_token += flops.adaption_prompt_flops(model_config, peft["adapter_len"], adapted, seq_len)
     if method["optimizer"]["name"] in ("galore_adamw", "apollo_adamw"):  # each step's projections, per token
         from harness.methods import projected_weights
 

@@ -91,6 +91,10 @@ class UnsupportedMethod(UnsupportedModel):
     """The memory model does not know this method (a PEFT type or setting it does not model)."""
 
 
+class MethodDoesNotApply(UnsupportedMethod):
+    """A method that cannot run on this model at all (its jobs refuse it before loading)."""
+
+
 # --------------------------------------------------------------------------- shapes
 
 
@@ -118,7 +122,7 @@ def layer_shapes(arch: dict) -> dict:
         "hidden": h, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "q_dim": q_dim,
         "kv_dim": kv_dim, "intermediate": inter, "layers": arch["num_hidden_layers"],
         "vocab": arch["vocab_size"], "tied": bool(arch.get("tie_word_embeddings", False)),
-        "linears": linears, "norm_params": norms,
+        "linears": linears, "norm_params": norms, "model_type": model_type,
     }
 
 
@@ -211,11 +215,12 @@ def weight_bytes(shapes: dict, method: dict) -> dict:
     trainable, buffers = adapter_params(shapes, method.get("peft"), method["base_dtype"])
     if not method.get("peft"):
         trainable = linear_weights + other
-    adapter = trainable * 4 if method.get("peft") else 0
+    # PEFT keeps adapters in fp32; LLaMA-Adapter's prompts take the base dtype
+    adapter_bytes = (base_bytes if peft_type(method["peft"]).params_in_base_dtype else 4) if method.get("peft") else 0
     return {
-        "weights": base + adapter + buffers * 4,
+        "weights": base + trainable * adapter_bytes + buffers * 4,
         "trainable_params": trainable,
-        "trainable_bytes_per_param": 4 if method.get("peft") else base_bytes,
+        "trainable_bytes_per_param": adapter_bytes or base_bytes,
         "linear_weights": linear_weights,
         "quantized": bool(quant),
     }
@@ -322,6 +327,7 @@ def layer_activation_bytes(shapes: dict, method: dict, *, tokens: float, seq: fl
         for name, fan_in, fan_out, _ in targeted(shapes, peft.get("target_modules")):
             per_token += kind.saves(peft, name, fan_in, fan_out, c, mask)
             fixed += kind.weight_saves(peft, fan_in, fan_out, c)
+        per_token += kind.layer_saves(peft, shapes, c)
     return per_token * tokens + fixed
 
 
@@ -336,6 +342,10 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
     """
     device = "cpu" if str(device).startswith("cpu") else "cuda"
     shapes = layer_shapes(arch)
+    if (method.get("peft") or {}).get("peft_type") == "ADAPTION_PROMPT" and shapes["model_type"] not in ("llama",
+                                                                                                      "mistral"):
+        raise MethodDoesNotApply(f"LLaMA-Adapter on a {shapes['model_type']} model: PEFT supports llama and "
+                                 "mistral only")
     w = weight_bytes(shapes, method)
     peft = method.get("peft") or {}
     prompt, prefix = peft_types.virtual_tokens(peft)
@@ -347,10 +357,13 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
     one_layer = layer_activation_bytes(shapes, method, tokens=tokens, seq=seq, context=seq + prefix,
                                        compute_bytes=c, device=device, attention=attention, padded=padded)
     residual = 4 if (method["base_dtype"] == "float32" or (method.get("quantization") and not is_hqq(method))) else c
+    # the layers that keep tensors for a backward pass: all, but for LLaMA-Adapter's top ones
+    # (kbit prep makes the embeddings' output require a gradient: every layer then)
+    kept = peft_type(peft).backward_layers(peft, layers) if peft and not method.get("quantization") else layers
     if gradient_checkpointing:  # each layer's input, plus one layer recomputed in the backward
-        activations = layers * tokens * shapes["hidden"] * residual + one_layer
+        activations = kept * tokens * shapes["hidden"] * residual + one_layer
     else:
-        activations = layers * one_layer
+        activations = kept * one_layer
     if peft:  # outside the layers, per sequence (P-tuning's prompt encoder)
         activations += batch_size * peft_type(peft).sequence_saves(peft, shapes, c)
     logits = tokens * shapes["vocab"] * (2 + 4 + 4)

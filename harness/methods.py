@@ -259,6 +259,9 @@ def apply_method(model, method_cfg: dict, *, max_steps: int, gradient_checkpoint
             p.requires_grad_(True)
         return model
 
+    if method_cfg["peft"]["peft_type"] == "ADAPTION_PROMPT" and method_cfg["peft"].get("adapter_layers") is None:
+        # LLaMA-Adapter with adapter_layers null: every layer (PEFT needs the number)
+        method_cfg = {**method_cfg, "peft": {**method_cfg["peft"], "adapter_layers": model.config.num_hidden_layers}}
     config = peft_config(method_cfg, max_steps)
     try:
         if isinstance(config, adapters.BottleneckConfig):

@@ -46,6 +46,11 @@ class PeftType:
     # bytes kept per sequence outside the decoder layers: (peft, shapes, c) -> bytes
     sequence_saves: Callable[[dict, dict, int], float] = _nothing
     optimizer_extra_bytes: int = 0     # per trainable parameter, beside the optimizer's states
+    # bytes kept per token in each layer that runs a backward pass, beside the modules': (peft, shapes, c)
+    layer_saves: Callable[[dict, dict, int], float] = _nothing
+    # the decoder layers that run a backward pass (the top ones): (peft, layers) -> count
+    backward_layers: Callable[[dict, int], int] = lambda peft, layers: layers
+    params_in_base_dtype: bool = False  # its trainable tensors take the base weights' dtype, not fp32
     virtual: str | None = None         # "prompt": v more positions; "prefix": keys/values s + v
     not_modelled: Callable[[dict], str | None] = lambda peft: None  # a setting the model lacks
 
@@ -196,6 +201,25 @@ def _bottleneck_saves(peft, name, fan_in, fan_out, c, mask):
     return c * fan_out + kept * c * size(peft)
 
 
+# --------------------------------------------------------------------------- LLaMA-Adapter
+
+def _adapted_layers(peft, layers):
+    return min(peft.get("adapter_layers") or layers, layers)  # the top ones; null: every layer
+
+
+def _adaption_params(peft, shapes, mods, base_dtype):
+    # per adapted layer: an adapter_len x hidden prompt and one zero-initialised gate
+    return _adapted_layers(peft, shapes["layers"]) * (size(peft) * shapes["hidden"] + 1), 0
+
+
+def _adaption_layer_saves(peft, shapes, c):
+    # the adapter attention over the prompt (PEFT's AdaptedAttention): the recomputed rotated
+    # queries, the fp32 softmax over adapter_len positions per head, its bf16 cast (kept by the
+    # gate's product) and the gated scores (kept by the matmul with the prompt's values)
+    heads = shapes["heads"] * size(peft)
+    return c * shapes["q_dim"] + 4 * heads + 2 * c * heads
+
+
 TYPES: dict[str, PeftType] = {
     "LORA": PeftType(_lora_params, _lora_saves, _lora_weight_saves, knob="r", knob_default=8,
                      rescale=_lora_rescale, casts_weights=True),
@@ -211,6 +235,10 @@ TYPES: dict[str, PeftType] = {
     "PROMPT_TUNING": PeftType(_prompt_params, knob="num_virtual_tokens", virtual="prompt"),
     "P_TUNING": PeftType(_ptuning_params, knob="num_virtual_tokens", virtual="prompt", casts_weights=True,
                          sequence_saves=_ptuning_sequence_saves, not_modelled=_ptuning_not_modelled),
+    # layers below the adapters run forward only (the lowest adapted layer's attention, which
+    # keeps nothing either, is counted: an upper bound by one layer's attention)
+    "ADAPTION_PROMPT": PeftType(_adaption_params, knob="adapter_len", layer_saves=_adaption_layer_saves,
+                                backward_layers=_adapted_layers, params_in_base_dtype=True),
     # the harness's own bottleneck adapters (harness/adapters.py): not a PEFT type
     "BOTTLENECK": PeftType(_bottleneck_params, _bottleneck_saves, knob="bottleneck_size", knob_default=64,
                            casts_weights=True),

@@ -68,7 +68,8 @@ def plan(arch: dict, methods: list[dict], train: dict, gpus_gb) -> list[dict]:
         try:
             p = memory_model.predict(arch, method, batch_size=train["batch_size"], **kwargs)
         except memory_model.UnsupportedMethod as e:  # a method added without a model of its memory
-            unknown.append({"method": method["name"], "peak_mb": None, "not_modelled": str(e)})
+            unknown.append({"method": method["name"], "peak_mb": None, "not_modelled": str(e),
+                            "refused": isinstance(e, memory_model.MethodDoesNotApply)})
             continue
         row = {"method": method["name"], **p}
         for gb in gpus_gb:
@@ -88,7 +89,10 @@ def format_table(rows: list[dict], gpus_gb) -> str:
     for r in rows:
         if r["peak_mb"] is None:
             lines.append([r["method"]] + ["—"] * (len(head) - 1))
-            notes.append(f"{r['method']}: not modelled ({r['not_modelled']}); its jobs run, with no prediction")
+            if r.get("refused"):
+                notes.append(f"{r['method']}: cannot run on this model ({r['not_modelled']}); its jobs refuse it")
+            else:
+                notes.append(f"{r['method']}: not modelled ({r['not_modelled']}); its jobs run, with no prediction")
             continue
         other = r["autocast_copies_mb"] + r["overhead_mb"]
         lines.append([r["method"], f"{r['trainable_params']:,}", gib(r["peak_mb"]), gib(r["weights_mb"]),

@@ -157,7 +157,8 @@ def test_miss_trains_one_block_per_layer_of_rank_by_output_width(method_results)
         "trainable_params"]
 
 
-@pytest.mark.parametrize("method", ["loraplus", "miss", "ptuning", "adapter", "adapter-pfeiffer", "lora-hqq3"])
+@pytest.mark.parametrize("method", ["loraplus", "miss", "ptuning", "adapter", "adapter-pfeiffer", "lora-hqq3",
+                                    "llama-adapter"])
 def test_a_trained_adapter_saves_reloads_and_answers_the_same(method, tmp_path, model_cache):
     """The methods added in issue 20: a few training steps, save_pretrained, then PEFT's
     from_pretrained onto a fresh base model gives the same logits and the same greedy answers
@@ -239,6 +240,34 @@ def test_bottleneck_adapters_sit_after_attention_and_mlp_and_start_as_the_identi
         assert sum(p.numel() for p in trainable.values()) == len(targets) * layers * (2 * h * 8 + 8 + h)
         with torch.no_grad():
             assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_llama_adapter_trains_gated_prompts_in_the_top_layers_and_refuses_other_model_types():
+    """LLaMA-Adapter: adapter_len x hidden prompts and a gate in each of the top N layers (every
+    layer when adapter_layers is null), in the base dtype; a model type PEFT's adaption prompts
+    do not support is refused in one line before any weights load."""
+    import torch
+    from transformers import Qwen2Config
+
+    from conftest import compose
+    from harness.errors import ConfigError
+    from harness.job import check_method_applies
+    from harness.methods import apply_method
+    from harness.models import load_model, resolve_model_source
+
+    for layers in (None, 2):
+        cfg = compose(["method=llama-adapter", f"method.peft.adapter_layers={'null' if layers is None else layers}"])
+        model = load_model(resolve_model_source(cfg["model"]), None, dtype=torch.bfloat16, quantization=None,
+                           device=torch.device("cpu"))
+        n, h = model.config.num_hidden_layers, model.config.hidden_size
+        model = apply_method(model, cfg["method"], max_steps=10, gradient_checkpointing=False)
+        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        adapted = sorted({int(name.split(".layers.")[1].split(".")[0]) for name in trainable})
+        assert adapted == list(range(n - (layers or n), n))
+        assert sum(p.numel() for p in trainable.values()) == len(adapted) * (10 * h + 1)
+        assert all(p.dtype == torch.bfloat16 for p in trainable.values())
+    with pytest.raises(ConfigError, match="adaption prompts .* support the model types llama, mistral.*not 'qwen2'"):
+        check_method_applies(cfg["method"], Qwen2Config(), 64, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("method", ["galore", "apollo"])

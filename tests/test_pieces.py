@@ -544,6 +544,22 @@ def test_training_flops_per_token_by_method(model_cache):
     assert per_method["ptuning"] == pytest.approx(per_method["prompt"] + 6 * 3 * 128 * 128 * 20 / s)
 
 
+def test_llama_adapter_flops_drop_the_lower_layers_backward_and_add_the_adapter_attention():
+    from transformers import LlamaConfig
+
+    from harness import flops
+
+    c = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2)
+    q, kv, h, inter, L, s = 64, 32, 64, 128, 10, 20
+    layer = h * q + 2 * h * kv + q * h + 3 * h * inter
+    adapter = 4 * h * q + 2 * h * kv + 12 * q * L + 4 * q * h
+    # top 2 of 4: two layers forward only (2 FLOPs per weight and 4 per attention position saved
+    # of 4 and 12), two with the adapter attention
+    assert flops.adaption_prompt_flops(c, L, 2, s) == 2 * adapter - 2 * (2 * layer + 8 * q * s)
+    assert flops.adaption_prompt_flops(c, L, 4, s) == 4 * adapter  # every layer: only the adapters
+
+
 def test_galore_and_apollo_projections_cost_flops_once_per_step():
     import torch
 

@@ -286,39 +286,7 @@ BAD_INPUT = [
      "model.architecture='qwen9': not a shipped architecture (allowed: llama-3.1-8b"),
     (H, lambda t: ["model=qwen2.5-0.5b", "~model.architecture", "model.init=random"],
      "model.init=random needs model.architecture, one of llama-3.1-8b"),
-    (H, lambda t: ["method=loraplus", "method.optimizer.loraplus_lr_ratio=0.5"],
-     "method.optimizer.loraplus_lr_ratio=0.5: must be a number >= 1"),
-    (H, lambda t: ["method=miss", "+method.optimizer.loraplus_lr_ratio=16"],
-     "method.optimizer.loraplus_lr_ratio: LoRA+ needs a LoRA method (peft_type LORA), not MISS"),
-    (H, lambda t: ["method=adapter", "method.peft.bottleneck_size=0"],
-     "method 'adapter': bad PEFT setting: bottleneck_size=0: must be a positive integer"),
-    (H, lambda t: ["method=adapter", "method.peft.nonlinearity=swish"],
-     "method 'adapter': bad PEFT setting: nonlinearity='swish': allowed values are relu, gelu, silu, tanh"),
-    (H, lambda t: ["method=adapter-pfeiffer", "+method.peft.r=8"],
-     "method.peft.r: not a setting of harness.adapters' BottleneckConfig (allowed: bottleneck_size, nonlinearity, "
-     "target_modules, zero_init_up)"),
-    (H, lambda t: ["method=lora-hqq4", "method.quantization.nbits=5"],
-     "method.quantization.nbits=5: allowed values are 1, 2, 3, 4, 8"),
-    (H, lambda t: ["method=lora-hqq4", "method.quantization.quant_method=gptq"],
-     "method.quantization.quant_method='gptq': allowed values are hqq (leave it out for bitsandbytes)"),
-    (H, lambda t: ["method=lora-hqq4", "+method.quantization.load_in_4bit=true"],
-     "method.quantization.load_in_4bit: not an HqqConfig setting (allowed: quant_method, nbits, group_size"),
     (H, lambda t: ["method=galore", "method.optimizer.rank=0"], "method.optimizer.rank=0: must be a positive integer"),
-    (H, lambda t: ["method=galore", "method.optimizer.proj_type=diagonal"],
-     "method.optimizer.proj_type='diagonal': allowed values are std, reverse_std, right, left, full"),
-    (H, lambda t: ["method=lora", "+method.optimizer.rank=8"],
-     "method.optimizer.rank: a setting of a projecting optimizer; it needs method.optimizer.name=galore_adamw "
-     "or method.optimizer.name=apollo_adamw"),
-    (H, lambda t: ["method=galore", "+method.optimizer.scale_type=channel"],
-     "method.optimizer.scale_type: a setting of a projecting optimizer; it needs method.optimizer.name=apollo_adamw"),
-    (H, lambda t: ["method=apollo", "method.optimizer.scale_type=row"],
-     "method.optimizer.scale_type='row': allowed values are channel, tensor"),
-    (H, lambda t: ["method=apollo", "method.optimizer.proj_type=full"],
-     "method.optimizer.proj_type='full': allowed values are std, reverse_std, right, left"),
-    (H, lambda t: ["method=apollo", "method.quantization={load_in_4bit: true}"],
-     "method.optimizer.name=apollo_adamw: APOLLO trains every weight of a full-precision model"),
-    (H, lambda t: ["method=galore", "method.peft={peft_type: LORA, r: 8}"],
-     "method.optimizer.name=galore_adamw: GaLore trains every weight of a full-precision model"),
     (H, lambda t: ["model.tiny.hidden_size=250"],  # once: the model build hung on it
      "model.tiny.hidden_size=250: must be an even multiple of model.tiny.num_attention_heads=4"),
     (H, lambda t: ["model.tiny.num_key_value_heads=3"],
@@ -447,6 +415,57 @@ def test_an_unknown_key_is_refused_with_the_nearest_one(tmp_path, args, message)
     assert not list(tmp_path.iterdir())
 
 
+# A method's own settings, refused by methods.check_settings before any job (checked here in
+# the process: the command line's route for a ConfigError is the same for all of them, and is
+# tested above with the GaLore rank).
+METHOD_SETTINGS = [
+    (["method=loraplus", "method.optimizer.loraplus_lr_ratio=0.5"],
+     "method.optimizer.loraplus_lr_ratio=0.5: must be a number >= 1"),
+    (["method=miss", "+method.optimizer.loraplus_lr_ratio=16"],
+     "method.optimizer.loraplus_lr_ratio: LoRA+ needs a LoRA method (peft_type LORA), not MISS"),
+    (["method=adapter", "method.peft.bottleneck_size=0"],
+     "method 'adapter': bad PEFT setting: bottleneck_size=0: must be a positive integer"),
+    (["method=adapter", "method.peft.nonlinearity=swish"],
+     "method 'adapter': bad PEFT setting: nonlinearity='swish': allowed values are relu, gelu, silu, tanh"),
+    (["method=adapter-pfeiffer", "+method.peft.r=8"],
+     "method.peft.r: not a setting of harness.adapters' BottleneckConfig (allowed: bottleneck_size, nonlinearity, "
+     "target_modules, zero_init_up)"),
+    (["method=lora-hqq4", "method.quantization.nbits=5"],
+     "method.quantization.nbits=5: allowed values are 1, 2, 3, 4, 8"),
+    (["method=lora-hqq4", "method.quantization.quant_method=gptq"],
+     "method.quantization.quant_method='gptq': allowed values are hqq (leave it out for bitsandbytes)"),
+    (["method=lora-hqq4", "+method.quantization.load_in_4bit=true"],
+     "method.quantization.load_in_4bit: not an HqqConfig setting (allowed: quant_method, nbits, group_size"),
+    (["method=galore", "method.optimizer.proj_type=diagonal"],
+     "method.optimizer.proj_type='diagonal': allowed values are std, reverse_std, right, left, full"),
+    (["method=lora", "+method.optimizer.rank=8"],
+     "method.optimizer.rank: a setting of a projecting optimizer; it needs method.optimizer.name=galore_adamw "
+     "or method.optimizer.name=apollo_adamw"),
+    (["method=galore", "+method.optimizer.scale_type=channel"],
+     "method.optimizer.scale_type: a setting of a projecting optimizer; it needs method.optimizer.name=apollo_adamw"),
+    (["method=apollo", "method.optimizer.scale_type=row"],
+     "method.optimizer.scale_type='row': allowed values are channel, tensor"),
+    (["method=apollo", "method.optimizer.proj_type=full"],
+     "method.optimizer.proj_type='full': allowed values are std, reverse_std, right, left"),
+    (["method=apollo", "method.quantization={load_in_4bit: true}"],
+     "method.optimizer.name=apollo_adamw: APOLLO trains every weight of a full-precision model"),
+    (["method=galore", "method.peft={peft_type: LORA, r: 8}"],
+     "method.optimizer.name=galore_adamw: GaLore trains every weight of a full-precision model"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", METHOD_SETTINGS, ids=[m[:50] for _, m in METHOD_SETTINGS])
+def test_a_bad_method_setting_is_one_message_naming_it(overrides, message):
+    from conftest import compose
+    from harness.errors import ConfigError
+    from harness.methods import check_settings
+
+    cfg = compose(overrides)
+    with pytest.raises(ConfigError) as e:
+        check_settings(cfg["method"], cfg["train"])
+    assert str(e.value).startswith(message), str(e.value)
+
+
 LIBRARY_SETTINGS = [
     # settings the harness hands to bitsandbytes, PEFT, torch and transformers: each is built
     # before the first job (once: a traceback from inside the job, or no error at all)
@@ -463,7 +482,7 @@ LIBRARY_SETTINGS = [
     (["+method.optimizer.betas=[1.5,0.9]"],
      "method.optimizer.betas=[1.5, 0.9]: Invalid beta parameter at index 0: 1.5"),
     (["+method.optimizer.momentum=0.9"], "method.optimizer.momentum: not an optimizer setting (allowed: name, betas, eps, "
-     "loraplus_lr_ratio, rank, update_proj_gap, scale, proj_type)"),
+     "loraplus_lr_ratio, rank, update_proj_gap, scale, proj_type, scale_type)"),
     (["+model.tiny.hidden_act=nope"], "model.tiny.hidden_act='nope': allowed values are "),
     (["+model.tiny.hidden_sizes=64"], "model.tiny.hidden_sizes: not a LlamaConfig setting (allowed: "),
     (["-m", "method=lora,full-adam8bit", "+method.optimizer.eps=1e-8,-1.0"],  # the second value only
