@@ -415,10 +415,26 @@ def test_an_unknown_key_is_refused_with_the_nearest_one(tmp_path, args, message)
     assert not list(tmp_path.iterdir())
 
 
-# A method's own settings, refused by methods.check_settings before any job (checked here in
-# the process: the command line's route for a ConfigError is the same for all of them, and is
-# tested above with the GaLore rank).
+# A method's settings, refused by methods.check_settings before any job (checked here in the
+# process: the command line's route for a ConfigError is the same for all of them, and is
+# tested with the GaLore rank above and a 4-bit type below).
 METHOD_SETTINGS = [
+    # settings the harness hands to bitsandbytes, PEFT and torch
+    (["method.quantization.bnb_4bit_quant_type=nf5"],
+     "method.quantization.bnb_4bit_quant_type='nf5': allowed values are fp4, nf4"),
+    (["+method.quantization.bnb_4bit_foo=1"],
+     "method.quantization.bnb_4bit_foo: not a BitsAndBytesConfig setting (allowed: load_in_8bit, load_in_4bit"),
+    (["method.quantization.bnb_4bit_compute_dtype=bf16"],
+     "method.quantization.bnb_4bit_compute_dtype='bf16': allowed values are bfloat16, float16, float32"),
+    (["method.quantization.bnb_4bit_use_double_quant=yes"],
+     "method.quantization: bnb_4bit_use_double_quant must be a boolean"),
+    (["+method.peft.bias=some"], "method.peft.bias='some': allowed values are none, all, lora_only"),
+    (["+method.peft.rank=4"], "method.peft.rank: not a setting of PEFT's LoraConfig (allowed: "),
+    (["+method.optimizer.betas=[1.5,0.9]"],
+     "method.optimizer.betas=[1.5, 0.9]: Invalid beta parameter at index 0: 1.5"),
+    (["+method.optimizer.momentum=0.9"], "method.optimizer.momentum: not an optimizer setting (allowed: name, betas, eps, "
+     "loraplus_lr_ratio, rank, update_proj_gap, scale, proj_type, scale_type)"),
+    # the methods added for issue 20
     (["method=loraplus", "method.optimizer.loraplus_lr_ratio=0.5"],
      "method.optimizer.loraplus_lr_ratio=0.5: must be a number >= 1"),
     (["method=miss", "+method.optimizer.loraplus_lr_ratio=16"],
@@ -467,26 +483,16 @@ def test_a_bad_method_setting_is_one_message_naming_it(overrides, message):
 
 
 LIBRARY_SETTINGS = [
-    # settings the harness hands to bitsandbytes, PEFT, torch and transformers: each is built
-    # before the first job (once: a traceback from inside the job, or no error at all)
-    (["method.quantization.bnb_4bit_quant_type=nf5"],
-     "method.quantization.bnb_4bit_quant_type='nf5': allowed values are fp4, nf4"),
-    (["+method.quantization.bnb_4bit_foo=1"],
-     "method.quantization.bnb_4bit_foo: not a BitsAndBytesConfig setting (allowed: load_in_8bit, load_in_4bit"),
-    (["method.quantization.bnb_4bit_compute_dtype=bf16"],
-     "method.quantization.bnb_4bit_compute_dtype='bf16': allowed values are bfloat16, float16, float32"),
-    (["method.quantization.bnb_4bit_use_double_quant=yes"],
-     "method.quantization: bnb_4bit_use_double_quant must be a boolean"),
-    (["+method.peft.bias=some"], "method.peft.bias='some': allowed values are none, all, lora_only"),
-    (["+method.peft.rank=4"], "method.peft.rank: not a setting of PEFT's LoraConfig (allowed: "),
-    (["+method.optimizer.betas=[1.5,0.9]"],
-     "method.optimizer.betas=[1.5, 0.9]: Invalid beta parameter at index 0: 1.5"),
-    (["+method.optimizer.momentum=0.9"], "method.optimizer.momentum: not an optimizer setting (allowed: name, betas, eps, "
-     "loraplus_lr_ratio, rank, update_proj_gap, scale, proj_type, scale_type)"),
+    # settings the harness hands to libraries, through the command line: the tiny model's
+    # config, a sweep whose second value only is bad, one method setting (the rest of those are
+    # METHOD_SETTINGS, in the process above). Each is built before the first job (once: a
+    # traceback from inside the job, or no error at all)
     (["+model.tiny.hidden_act=nope"], "model.tiny.hidden_act='nope': allowed values are "),
     (["+model.tiny.hidden_sizes=64"], "model.tiny.hidden_sizes: not a LlamaConfig setting (allowed: "),
     (["-m", "method=lora,full-adam8bit", "+method.optimizer.eps=1e-8,-1.0"],  # the second value only
      "method.optimizer.eps=-1.0: Invalid epsilon value: -1.0"),
+    (["method.quantization.bnb_4bit_quant_type=nf5"],  # and one of those, by the command line's route
+     "method.quantization.bnb_4bit_quant_type='nf5': allowed values are fp4, nf4"),
 ]
 
 
