@@ -160,6 +160,7 @@ def training_flops(model, model_config, method: dict, examples: list[dict], devi
     import torch
 
     from harness import flops, peft_types
+    from harness.methods import PROJECTION_KEYS, projected_weights
 
     prompt, prefix = peft_types.virtual_tokens(method.get("peft"))
     frozen, trainable, encoder = flops.matmul_weights(model)
@@ -170,9 +171,7 @@ def training_flops(model, model_config, method: dict, examples: list[dict], devi
     if peft.get("peft_type") == "ADAPTION_PROMPT":  # LLaMA-Adapter: forward-only lower layers, adapter attention
         adapted = peft_types.TYPES["ADAPTION_PROMPT"].backward_layers(peft, model_config.num_hidden_layers)
         per_token += flops.adaption_prompt_flops(model_config, peft["adapter_len"], adapted, seq_len)
-    if method["optimizer"]["name"] in ("galore_adamw", "apollo_adamw"):  # each step's projections, per token
-        from harness.methods import projected_weights
-
+    if method["optimizer"]["name"] in PROJECTION_KEYS:  # GaLore's and APOLLO's projections, per token
         per_token += flops.projection_step_flops(projected_weights(model), method["optimizer"]) / tokens_per_step
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return flops.utilization(per_token, tokens_per_s, name)

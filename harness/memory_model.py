@@ -172,6 +172,12 @@ def is_hqq(method: dict) -> bool:
     return (method.get("quantization") or {}).get("quant_method") == "hqq"
 
 
+def kbit_prep_casts(method: dict) -> bool:
+    """Whether PEFT's prepare_model_for_kbit_training casts the model's norms, embeddings and
+    lm_head to fp32: on a bitsandbytes-quantized model, not on an HQQ one."""
+    return bool(method.get("quantization")) and not is_hqq(method)
+
+
 def hqq_weight_bytes(shapes: dict, quant: dict, compute_bytes: int) -> float:
     """Bytes of the HQQ-quantized Linear weights of the decoder layers: each out x in weight in
     groups of `group_size` (rows of the packed tensor: out * in / group_size), packed along
@@ -280,6 +286,10 @@ def apollo_bytes(shapes: dict, optimizer: dict, trainable: int) -> tuple[float, 
     return states + 8 * rest, max(largest_step, 2 * 4 * min(rest, largest_rest))
 
 
+# the optimizers that keep Adam's moments in a low-rank projection (harness/methods.py)
+PROJECTION_BYTES = {"galore_adamw": galore_bytes, "apollo_adamw": apollo_bytes}
+
+
 # --------------------------------------------------------------------------- activations
 
 def layer_activation_bytes(shapes: dict, method: dict, *, tokens: float, seq: float, context: float,
@@ -288,15 +298,13 @@ def layer_activation_bytes(shapes: dict, method: dict, *, tokens: float, seq: fl
     `seq` tokens attending to `context` positions (seq + virtual prefix)."""
     c = compute_bytes
     h, q_dim, kv_dim, inter, heads = (shapes[k] for k in ("hidden", "q_dim", "kv_dim", "intermediate", "heads"))
-    quantized = bool(method.get("quantization"))
-    hqq = is_hqq(method)
+    hqq, bnb = is_hqq(method), kbit_prep_casts(method)  # bnb: a bitsandbytes-quantized base
     full = not method.get("peft")
     base_is_fp32 = method["base_dtype"] == "float32"
-    # kbit prep casts norms and embeddings to fp32 (not on an HQQ model: PEFT leaves those as they are)
-    residual = 4 if (base_is_fp32 or (quantized and not hqq)) else c
+    residual = 4 if (base_is_fp32 or bnb) else c  # kbit prep casts norms and embeddings to fp32
     # bitsandbytes layers return their input's dtype (fp32 after kbit prep); others (HQQ's
     # included), autocast's
-    linear_out = residual if quantized and not hqq else c
+    linear_out = residual if bnb else c
 
     per_token = 0.0
     # RMSNorm (x2): the fp32 input and 1/rms; a trained norm weight also keeps the normalized x
@@ -342,10 +350,9 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
     """
     device = "cpu" if str(device).startswith("cpu") else "cuda"
     shapes = layer_shapes(arch)
-    if (method.get("peft") or {}).get("peft_type") == "ADAPTION_PROMPT" and shapes["model_type"] not in ("llama",
-                                                                                                      "mistral"):
-        raise MethodDoesNotApply(f"LLaMA-Adapter on a {shapes['model_type']} model: PEFT supports llama and "
-                                 "mistral only")
+    refused = peft_type(method["peft"]).not_for_model(shapes["model_type"]) if method.get("peft") else None
+    if refused:
+        raise MethodDoesNotApply(refused)
     w = weight_bytes(shapes, method)
     peft = method.get("peft") or {}
     prompt, prefix = peft_types.virtual_tokens(peft)
@@ -356,7 +363,7 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
 
     one_layer = layer_activation_bytes(shapes, method, tokens=tokens, seq=seq, context=seq + prefix,
                                        compute_bytes=c, device=device, attention=attention, padded=padded)
-    residual = 4 if (method["base_dtype"] == "float32" or (method.get("quantization") and not is_hqq(method))) else c
+    residual = 4 if (method["base_dtype"] == "float32" or kbit_prep_casts(method)) else c
     # the layers that keep tensors for a backward pass: all, but for LLaMA-Adapter's top ones
     # (kbit prep makes the embeddings' output require a gradient: every layer then)
     kept = peft_type(peft).backward_layers(peft, layers) if peft and not method.get("quantization") else layers
@@ -377,9 +384,8 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
     if not peft:
         largest = max(largest, shapes["vocab"] * shapes["hidden"])
     optimizer_name = method.get("optimizer", {}).get("name", "adamw")
-    if optimizer_name in ("galore_adamw", "apollo_adamw"):
-        bytes_of = galore_bytes if optimizer_name == "galore_adamw" else apollo_bytes
-        optimizer, projection_step = bytes_of(shapes, method["optimizer"], trainable)
+    if optimizer_name in PROJECTION_BYTES:
+        optimizer, projection_step = PROJECTION_BYTES[optimizer_name](shapes, method["optimizer"], trainable)
     else:
         optimizer = optimizer_bytes(trainable, tbytes, optimizer_name, largest)
     if peft:  # e.g. AdaLoRA's rank allocator: three fp32 importance averages per parameter
@@ -392,7 +398,7 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
             autocast_copies = 2 * (w["linear_weights"] + lm_head)
         else:
             autocast_copies = 2 * trainable if peft and peft_type(peft).casts_weights else 0
-            if method.get("quantization") and not is_hqq(method):  # kbit prep leaves lm_head in fp32
+            if kbit_prep_casts(method):  # kbit prep leaves lm_head in fp32
                 autocast_copies += 2 * lm_head
     # dequantized weight of the layer being computed, forward or backward: bitsandbytes' bf16
     # copy; HQQ's unpacked weight, less the zero point, times the scale (three alive at once)
@@ -402,7 +408,7 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
     # the step: multi-tensor ("foreach") AdamW, torch's default on CUDA, builds a state-sized
     # temporary; the per-tensor loop (the CPU default) one tensor's worth; fused AdamW none
     multi_tensor = adamw_impl == "foreach" or (adamw_impl == "default" and device == "cuda")
-    if optimizer_name in ("galore_adamw", "apollo_adamw"):
+    if optimizer_name in PROJECTION_BYTES:
         step_temp = projection_step
     elif optimizer_name == "adamw" and adamw_impl != "fused":
         step_temp = trainable * tbytes if multi_tensor else min(trainable, largest) * tbytes

@@ -139,7 +139,8 @@ def peft_config(method_cfg: dict, max_steps: int):
 
     kwargs = dict(method_cfg["peft"])
     peft_type = kwargs.pop("peft_type")
-    if peft_type == adapters.PEFT_TYPE:
+    own = peft_type == adapters.PEFT_TYPE  # the harness's bottleneck adapters, not PEFT's
+    if own:
         config_cls = adapters.BottleneckConfig
     else:
         try:
@@ -152,11 +153,11 @@ def peft_config(method_cfg: dict, max_steps: int):
     fields = {f.name for f in dataclasses.fields(config_cls)}
     for key in kwargs:
         if key not in fields:
-            owner = "harness.adapters'" if peft_type == adapters.PEFT_TYPE else "PEFT's"
+            owner = "harness.adapters'" if own else "PEFT's"
             raise ConfigError(f"method.peft.{key}: not a setting of {owner} {config_cls.__name__} "
                               f"(allowed: {', '.join(sorted(fields))})")
     try:
-        config = config_cls(**kwargs) if peft_type == adapters.PEFT_TYPE else config_cls(task_type="CAUSAL_LM", **kwargs)
+        config = config_cls(**kwargs) if own else config_cls(task_type="CAUSAL_LM", **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"method {method_cfg['name']!r}: bad PEFT setting: {e}")
     _check_choices(config, kwargs, "method.peft")

@@ -53,6 +53,8 @@ class PeftType:
     params_in_base_dtype: bool = False  # its trainable tensors take the base weights' dtype, not fp32
     virtual: str | None = None         # "prompt": v more positions; "prefix": keys/values s + v
     not_modelled: Callable[[dict], str | None] = lambda peft: None  # a setting the model lacks
+    # why it cannot run on a model of this type (transformers' model_type), or None
+    not_for_model: Callable[[str], str | None] = lambda model_type: None
 
 
 def size(peft: dict) -> int | None:
@@ -212,6 +214,11 @@ def _adaption_params(peft, shapes, mods, base_dtype):
     return _adapted_layers(peft, shapes["layers"]) * (size(peft) * shapes["hidden"] + 1), 0
 
 
+def _adaption_not_for_model(model_type):
+    return None if model_type in ("llama", "mistral") else \
+        f"LLaMA-Adapter on a {model_type} model: PEFT supports llama and mistral only"
+
+
 def _adaption_layer_saves(peft, shapes, c):
     # the adapter attention over the prompt (PEFT's AdaptedAttention): the recomputed rotated
     # queries, the fp32 softmax over adapter_len positions per head, its bf16 cast (kept by the
@@ -238,7 +245,8 @@ TYPES: dict[str, PeftType] = {
     # layers below the adapters run forward only (the lowest adapted layer's attention, which
     # keeps nothing either, is counted: an upper bound by one layer's attention)
     "ADAPTION_PROMPT": PeftType(_adaption_params, knob="adapter_len", layer_saves=_adaption_layer_saves,
-                                backward_layers=_adapted_layers, params_in_base_dtype=True),
+                                backward_layers=_adapted_layers, params_in_base_dtype=True,
+                                not_for_model=_adaption_not_for_model),
     # the harness's own bottleneck adapters (harness/adapters.py): not a PEFT type
     "BOTTLENECK": PeftType(_bottleneck_params, _bottleneck_saves, knob="bottleneck_size", knob_default=64,
                            casts_weights=True),
