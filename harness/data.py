@@ -71,3 +71,11 @@ def batch_stream(examples: list[dict], batch_size: int, seed: int, pad_id: int, 
         batch = [examples[i] for i in idx]
         yield {**collate(batch, pad_id, device), "n_tokens": sum(lengths[i] for i in idx),
                "n_labels": sum(labelled[i] for i in idx)}
+
+
+def one_epoch(examples: list[dict], batch_size: int, seed: int, pad_id: int, device) -> list[dict]:
+    """One pass over `examples` in the training loop's batches (model inputs only), for a
+    data-driven initialisation (EVA) to cycle through."""
+    order = length_grouped_batches([len(e["input_ids"]) for e in examples], batch_size, seed)
+    return [collate([examples[i] for i in next(order)], pad_id, device)
+            for _ in range(-(-len(examples) // batch_size))]

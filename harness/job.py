@@ -344,16 +344,25 @@ def score_base_model(evaluator: Evaluator, metrics: dict) -> None:
         log.info("capability (%s) before training: %.4f", evaluator.capability["name"], metrics["capability_before"])
 
 
-def with_method(model, setup: Setup, config: dict, sampler, metrics: dict):
+def with_method(model, setup: Setup, config: dict, device, sampler, metrics: dict):
     """The method applied; its parameter counts and weight bytes recorded."""
     from harness import measure
+    from harness.data import one_epoch
     from harness.methods import apply_method
 
     weights = Path(setup.source) / "model.safetensors"
     model = apply_method(model, setup.method, max_steps=setup.tcfg["max_steps"],
                          gradient_checkpointing=setup.tcfg["gradient_checkpointing"],
-                         weights_file=str(weights) if weights.is_file() else None)
+                         weights_file=str(weights) if weights.is_file() else None,
+                         init_batches=lambda: one_epoch(setup.examples, setup.tcfg["batch_size"], config["seed"],
+                                                        setup.tokenizer.pad_token_id, device))
     sampler.note_model(model)
+    if (setup.method.get("peft") or {}).get("init_lora_weights") == "eva":
+        # EVA's ranks are known once it has initialised: the prediction is redone with them
+        ranks = dict(model.peft_config["default"].rank_pattern)
+        metrics["eva_rank_pattern"] = ranks
+        method = {**setup.method, "peft": {**setup.method["peft"], "rank_pattern": ranks}}
+        metrics.update(predicted_memory(setup.model_config, method, setup.tcfg, setup.longest, device))
     metrics.update(measure.count_params(model))
     metrics.update(measure.weight_bytes(model))
     # A real architecture with random weights measures memory and speed; its scores mean nothing.
@@ -444,7 +453,7 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     autocast, metrics["autocast_dtype"] = autocast_for(device, setup.tcfg["precision"])
     evaluator.use(model, autocast)
     score_base_model(evaluator, metrics)
-    model = with_method(model, setup, config, sampler, metrics)
+    model = with_method(model, setup, config, device, sampler, metrics)
     evaluator.use(model, autocast)
     if config["eval"]["before"]:
         metrics["score_before"], _ = evaluator.task("before")

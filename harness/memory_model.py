@@ -333,7 +333,7 @@ def layer_activation_bytes(shapes: dict, method: dict, *, tokens: float, seq: fl
     if peft:  # what each adapter module keeps (harness/peft_types.py)
         kind, mask = peft_type(peft), 4 if device == "cpu" else 1
         for name, fan_in, fan_out, _ in targeted(shapes, peft.get("target_modules")):
-            per_token += kind.saves(peft, name, fan_in, fan_out, c, mask)
+            per_token += kind.saves(peft, name, fan_in, fan_out, c, mask, shapes["layers"])
             fixed += kind.weight_saves(peft, fan_in, fan_out, c)
         per_token += kind.layer_saves(peft, shapes, c)
     return per_token * tokens + fixed

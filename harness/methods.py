@@ -156,6 +156,14 @@ def peft_config(method_cfg: dict, max_steps: int):
             owner = "harness.adapters'" if own else "PEFT's"
             raise ConfigError(f"method.peft.{key}: not a setting of {owner} {config_cls.__name__} "
                               f"(allowed: {', '.join(sorted(fields))})")
+    if isinstance(kwargs.get("eva_config"), dict):  # PEFT would drop an unknown key silently
+        from peft import EvaConfig
+
+        allowed = {f.name for f in dataclasses.fields(EvaConfig)}
+        for key in kwargs["eva_config"]:
+            if key not in allowed:
+                raise ConfigError(f"method.peft.eva_config.{key}: not a setting of PEFT's EvaConfig "
+                                  f"(allowed: {', '.join(sorted(allowed))})")
     try:
         config = config_cls(**kwargs) if own else config_cls(task_type="CAUSAL_LM", **kwargs)
     except (TypeError, ValueError) as e:
@@ -238,8 +246,10 @@ def projected_weights(model) -> list:
 
 
 def apply_method(model, method_cfg: dict, *, max_steps: int, gradient_checkpointing: bool,
-                 weights_file: str | None = None):
-    """Make the loaded model trainable as the method says; returns the model to train."""
+                 weights_file: str | None = None, init_batches=None):
+    """Make the loaded model trainable as the method says; returns the model to train.
+    `init_batches` (a callable returning a list of model-input batches) feeds a data-driven
+    initialisation (EVA)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from harness import adapters
@@ -279,7 +289,54 @@ def apply_method(model, method_cfg: dict, *, max_steps: int, gradient_checkpoint
         from peft import replace_lora_weights_loftq
 
         replace_lora_weights_loftq(model, model_path=weights_file)
+    if getattr(config, "init_lora_weights", None) == "eva":
+        initialize_eva(model, config, init_batches())
     return model
+
+
+EVA_MAX_BATCHES = 2000  # forward passes EVA's incremental SVDs may take to converge
+
+
+def initialize_eva(model, config, batches: list[dict]) -> None:
+    """EVA (Paischer et al. 2024): each LoRA A starts as the top right-singular vectors of its
+    layer's inputs over training batches (PEFT's initialize_lora_eva_weights, which cycles
+    through `batches` until every SVD has converged), and rank moves to the layers whose inputs
+    explain the most variance (up to r x rho per layer, the total kept). PEFT skips a batch with
+    fewer token rows than components, forever if every batch has fewer, and sets no limit on
+    the passes: both end here in one line instead of a hang."""
+    from peft import initialize_lora_eva_weights
+    from peft.tuners.lora.eva import forward_fn_dict
+    from peft.tuners.tuners_utils import cast_adapter_dtype
+
+    eva = config.eva_config
+    needed = round(config.r * eva.rho)
+
+    def rows(batch):  # the token rows PEFT's language-modelling hooks feed the SVD
+        mask = batch["attention_mask"].bool()
+        return int((mask & (batch["labels"] != eva.label_mask_value) if eva.use_label_mask else mask).sum())
+
+    most = max(rows(b) for b in batches)
+    if most < needed:
+        raise ConfigError(f"method.peft.eva_config: EVA needs at least r x rho = {needed} token rows per batch "
+                          f"for its SVDs and the largest training batch has {most} (raise train.batch_size"
+                          + (", or set method.peft.eva_config.use_label_mask=false)" if eva.use_label_mask else ")"))
+    passes = 0
+
+    def forward(model, inputs):
+        nonlocal passes
+        passes += 1
+        if passes > EVA_MAX_BATCHES:
+            raise RuntimeError(f"EVA's SVDs did not converge in {EVA_MAX_BATCHES} batches "
+                               f"(method.peft.eva_config.tau={eva.tau}: a lower tau converges sooner)")
+        return forward_fn_dict(model, inputs)
+
+    initialize_lora_eva_weights(model, dataloader=batches, forward_fn=forward, show_progress_bar=False)
+    # PEFT rebuilds each module whose rank moved in the base weights' dtype (bf16), where
+    # get_peft_model keeps adapters in fp32: back to fp32, as every other LoRA trains
+    cast_adapter_dtype(model, "default")
+    moved = model.peft_config["default"].rank_pattern
+    log.info("EVA: its SVDs converged in %d batches; %d modules moved from rank %d (to %s)", passes, len(moved),
+             config.r, f"{min(moved.values())}-{max(moved.values())}" if moved else "-")
 
 
 def _is_linear(module) -> bool:

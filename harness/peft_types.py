@@ -17,6 +17,7 @@ bf16 input.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,12 +32,13 @@ def _nothing(*_args) -> float:
 @dataclass(frozen=True)
 class PeftType:
     """One PEFT type. `params(peft, shapes, modules, base_dtype)` gives (trainable parameters,
-    frozen adapter buffers) for the whole model; `saves(peft, name, fan_in, fan_out, c, mask)`
-    the bytes a targeted module keeps per token; `weight_saves(peft, fan_in, fan_out, c)` the
+    frozen adapter buffers) for the whole model; `saves(peft, name, fan_in, fan_out, c, mask,
+    layers)` the bytes a targeted module keeps per token (in a layer of `layers`, on average);
+    `weight_saves(peft, fan_in, fan_out, c)` the
     weight-sized tensors it keeps whatever the batch."""
 
     params: Callable[[dict, dict, list[Module], str], tuple[int, int]]
-    saves: Callable[[dict, str, int, int, int, int], float] = _nothing
+    saves: Callable[[dict, str, int, int, int, int, int], float] = _nothing
     weight_saves: Callable[[dict, int, int, int], float] = _nothing
     knob: str | None = None            # the size key in the peft block (budget=params|memory)
     knob_default: int | None = None    # PEFT's default for it
@@ -69,14 +71,36 @@ def _dropout_mask(peft: dict, key: str, fan_in: int, mask: int) -> float:
 
 # --------------------------------------------------------------------------- LoRA (and DoRA)
 
+def qualified_name(layer: int, name: str) -> str:
+    """A Llama-style decoder Linear's module name, as PEFT's rank_pattern keys match it."""
+    block = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    return f"model.layers.{layer}.{block}.{name}"
+
+
+def lora_ranks(peft: dict, name: str, layers: int) -> list[int]:
+    """A targeted module's LoRA rank in each layer: its `rank_pattern` entry (PEFT's matching:
+    the key is a suffix of the module's name, or a regex of it; EVA writes one per module it
+    moved rank to or from) or `r`. A rank of 0 (EVA) leaves that layer's Linear unadapted."""
+    pattern, r = peft.get("rank_pattern") or {}, size(peft)
+
+    def rank(qualified: str) -> int:
+        key = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", qualified)), None)
+        return r if key is None else pattern[key]
+
+    return [rank(qualified_name(i, name)) for i in range(layers)]
+
+
 def _lora_params(peft, shapes, mods, base_dtype):
-    r = size(peft)
     dora = peft.get("use_dora")
-    return shapes["layers"] * sum(r * (i + o) + (o if dora else 0) for _, i, o, _ in mods), 0
+    return sum(r * (i + o) + (o if dora else 0)
+               for name, i, o, _ in mods for r in lora_ranks(peft, name, shapes["layers"]) if r), 0
 
 
-def _lora_saves(peft, name, fan_in, fan_out, c, mask):
-    saved = _dropout_mask(peft, "lora_dropout", fan_in, mask) + c * fan_in + c * size(peft)
+def _lora_saves(peft, name, fan_in, fan_out, c, mask, layers):
+    # per layer on average: a module whose rank is 0 keeps nothing
+    ranks = lora_ranks(peft, name, layers)
+    adapted = sum(1 for r in ranks if r) / layers
+    saved = adapted * (_dropout_mask(peft, "lora_dropout", fan_in, mask) + c * fan_in) + c * sum(ranks) / layers
     if peft.get("use_dora"):  # rescales base and adapter outputs by the weight norm
         saved += 2 * c * fan_out
     return saved
@@ -104,7 +128,7 @@ def _adalora_params(peft, shapes, mods, base_dtype):
     return shapes["layers"] * sum(r * (i + o) + r + count for _, i, o, _ in mods), 0
 
 
-def _adalora_saves(peft, name, fan_in, fan_out, c, mask):
+def _adalora_saves(peft, name, fan_in, fan_out, c, mask, layers):
     saved = _dropout_mask(peft, "lora_dropout", fan_in, mask) + c * fan_in + c * size(peft)
     return saved + c * fan_out  # divides the adapter's output by the rank count
 
@@ -122,7 +146,7 @@ def _ia3_params(peft, shapes, mods, base_dtype):
     return shapes["layers"] * sum(i if name in ff else o for name, i, o, _ in mods), 0
 
 
-def _ia3_saves(peft, name, fan_in, fan_out, c, mask):
+def _ia3_saves(peft, name, fan_in, fan_out, c, mask, layers):
     # scales the fp32 input (feedforward) or the output
     return 4 * fan_in if name in (peft.get("feedforward_modules") or []) else c * fan_out
 
@@ -134,7 +158,7 @@ def _vera_params(peft, shapes, mods, base_dtype):
     return shapes["layers"] * sum(o + r for _, _, o, _ in mods), r * max_in + max_out * r
 
 
-def _vera_saves(peft, name, fan_in, fan_out, c, mask):
+def _vera_saves(peft, name, fan_in, fan_out, c, mask, layers):
     return _dropout_mask(peft, "vera_dropout", fan_in, mask) + c * fan_out + 2 * c * size(peft)
 
 
@@ -150,7 +174,7 @@ def _miss_params(peft, shapes, mods, base_dtype):
     return shapes["layers"] * sum(size(peft) * o for _, _, o, _ in mods), 0
 
 
-def _miss_saves(peft, name, fan_in, fan_out, c, mask):
+def _miss_saves(peft, name, fan_in, fan_out, c, mask, layers):
     # the input, cast to fp32, is summed over its shards of r features (a sum keeps nothing);
     # the r-wide sum enters the block's matmul as bf16, which keeps it
     return _dropout_mask(peft, "miss_dropout", fan_in, mask) + c * size(peft)
@@ -196,7 +220,7 @@ def _bottleneck_params(peft, shapes, mods, base_dtype):
     return shapes["layers"] * sum(2 * o * b + b + o for _, _, o, _ in mods), 0
 
 
-def _bottleneck_saves(peft, name, fan_in, fan_out, c, mask):
+def _bottleneck_saves(peft, name, fan_in, fan_out, c, mask, layers):
     # the down-projection's bf16 input (the module's output, cast), and the bottleneck: ReLU and
     # tanh keep their output, which is also the up-projection's input; GELU and SiLU their input too
     kept = 1 if peft.get("nonlinearity", "relu") in ("relu", "tanh") else 2

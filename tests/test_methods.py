@@ -158,17 +158,18 @@ def test_miss_trains_one_block_per_layer_of_rank_by_output_width(method_results)
 
 
 @pytest.mark.parametrize("method", ["loraplus", "miss", "ptuning", "adapter", "adapter-pfeiffer", "lora-hqq3",
-                                    "llama-adapter"])
+                                    "llama-adapter", "eva"])
 def test_a_trained_adapter_saves_reloads_and_answers_the_same(method, tmp_path, model_cache):
     """The methods added in issue 20: a few training steps, save_pretrained, then PEFT's
     from_pretrained onto a fresh base model gives the same logits and the same greedy answers
-    (the bottleneck adapters: harness.adapters' save and load, in PEFT's file names)."""
+    (the bottleneck adapters: harness.adapters' save and load, in PEFT's file names; EVA: its
+    moved ranks travel in adapter_config.json's rank_pattern)."""
     import torch
     from peft import PeftModel
 
     from conftest import compose
     from harness import adapters
-    from harness.data import batch_stream, tokenize_examples
+    from harness.data import batch_stream, one_epoch, tokenize_examples
     from harness.evaluation import generate_answers
     from harness.methods import apply_method, make_optimizer
     from harness.models import load_model, load_tokenizer, resolve_model_source
@@ -183,9 +184,10 @@ def test_a_trained_adapter_saves_reloads_and_answers_the_same(method, tmp_path, 
         return load_model(source, None, dtype=torch.bfloat16, quantization=cfg["method"]["quantization"],
                           device=torch.device("cpu"))
 
-    model = apply_method(base(), cfg["method"], max_steps=10, gradient_checkpointing=False)
-    optimizer = make_optimizer(model, cfg["method"]["optimizer"], lr=cfg["method"]["lr"], weight_decay=0.0)
     examples, _ = tokenize_examples(splits["train"], tokenizer, 64)
+    model = apply_method(base(), cfg["method"], max_steps=10, gradient_checkpointing=False,
+                         init_batches=lambda: one_epoch(examples, 8, 0, tokenizer.pad_token_id, "cpu"))
+    optimizer = make_optimizer(model, cfg["method"]["optimizer"], lr=cfg["method"]["lr"], weight_decay=0.0)
     batches = batch_stream(examples, 8, 0, tokenizer.pad_token_id, "cpu")
     model.train()
     for _ in range(5):
@@ -240,6 +242,66 @@ def test_bottleneck_adapters_sit_after_attention_and_mlp_and_start_as_the_identi
         assert sum(p.numel() for p in trainable.values()) == len(targets) * layers * (2 * h * 8 + 8 + h)
         with torch.no_grad():
             assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_eva_starts_lora_a_from_the_inputs_svd_and_moves_rank_keeping_the_total(model_cache, monkeypatch):
+    """EVA: each LoRA A starts as the top right-singular vectors of its layer's inputs over the
+    training batches (orthonormal rows; B zero, so the outputs are unchanged), rank moves between
+    modules with the total kept and none above r x rho, as the rank_pattern the memory model
+    reads says, and every adapter is fp32 (PEFT rebuilds moved ones in bf16). The two ways
+    PEFT's loop would never end are one line each: batches with fewer token rows than
+    components, and SVDs that do not converge."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    from conftest import compose
+    from harness import methods
+    from harness.data import one_epoch, tokenize_examples
+    from harness.errors import ConfigError
+    from harness.models import load_model, load_tokenizer, resolve_model_source
+    from harness.tasks import load_task
+
+    cfg = compose(["method=eva"])
+    method, peft = cfg["method"], cfg["method"]["peft"]
+    source = resolve_model_source(cfg["model"])
+    tokenizer = load_tokenizer(source, None)
+    examples, _ = tokenize_examples(load_task(cfg["task"])["train"], tokenizer, 64)
+
+    def base():
+        return load_model(source, None, dtype=torch.bfloat16, quantization=None, device=torch.device("cpu"))
+
+    def eva(model, batches, m=method):
+        return methods.apply_method(model, m, max_steps=10, gradient_checkpointing=False, init_batches=lambda: batches)
+
+    batches = one_epoch(examples, 16, 0, tokenizer.pad_token_id, "cpu")
+    prompt = tokenizer(["12+30="], return_tensors="pt")
+    with torch.no_grad():
+        before = base()(**prompt).logits
+    model = eva(base(), batches)
+    pattern = model.peft_config["default"].rank_pattern
+    adapted = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    ranks = {n: m.r["default"] for n, m in adapted.items()}
+    assert ranks == {n: pattern.get(n, peft["r"]) for n in adapted}
+    modules = model.config.num_hidden_layers * 7  # every Linear of every layer (all-linear)
+    assert sum(ranks.values()) == peft["r"] * modules
+    assert len(set(ranks.values())) > 1 and max(ranks.values()) <= peft["r"] * peft["eva_config"]["rho"]
+    for m in adapted.values():
+        a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0]), atol=5e-3, rtol=0)  # low-rank SVD: ~1e-3
+        assert not b.any()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**prompt).logits, before)
+
+    few = [{k: v[:1, :3] for k, v in b.items()} for b in batches[:2]]  # 3 token rows a batch
+    with pytest.raises(ConfigError, match=r"^method.peft.eva_config: EVA needs at least r x rho = 32 token rows "
+                                          r"per batch for its SVDs and the largest training batch has 3 "
+                                          r"\(raise train.batch_size\)$"):
+        eva(base(), few)
+    monkeypatch.setattr(methods, "EVA_MAX_BATCHES", 2)  # one pass to compare inputs, one SVD step
+    with pytest.raises(RuntimeError, match=r"^EVA's SVDs did not converge in 2 batches \(method.peft.eva_config"
+                                           r".tau=0.99: a lower tau converges sooner\)$"):
+        eva(base(), batches)
 
 
 def test_llama_adapter_trains_gated_prompts_in_the_top_layers_and_refuses_other_model_types():

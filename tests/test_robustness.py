@@ -467,6 +467,10 @@ METHOD_SETTINGS = [
      "method.optimizer.name=apollo_adamw: APOLLO trains every weight of a full-precision model"),
     (["method=galore", "method.peft={peft_type: LORA, r: 8}"],
      "method.optimizer.name=galore_adamw: GaLore trains every weight of a full-precision model"),
+    (["method=eva", "method.peft.eva_config.rho=0.5"], "method 'eva': bad PEFT setting: `rho` must be >= 1.0"),
+    (["method=eva", "+method.peft.eva_config.steps=5"],
+     "method.peft.eva_config.steps: not a setting of PEFT's EvaConfig (allowed: adjust_scaling_factors, "
+     "label_mask_value, rho, tau, use_label_mask, whiten)"),
 ]
 
 

@@ -21,7 +21,7 @@ EXPECTED = KEYS + [
 ]
 LISTS = ["metrics.train_losses", "metrics.score_samples"]  # kept in the frame, not in the CSV
 # Mappings with a key per module: one JSON cell each, not a column per key
-WHOLE = ["metrics.adalora_final_ranks"]
+WHOLE = ["metrics.adalora_final_ranks", "metrics.eva_rank_pattern"]
 
 
 READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4, 5, 6, 7)  # 2 added config_hash and status "cancelled"; 3 predicted memory; 4 forgetting;
