@@ -285,13 +285,44 @@ def apply_method(model, method_cfg: dict, *, max_steps: int, gradient_checkpoint
             f"method {method_cfg['name']!r} cannot apply to this model: {e} "
             f"(the model's linear layers: {', '.join(linear)})"
         )
-    if method_cfg.get("loftq_init"):  # LoftQ: LoRA weights that cancel the 4-bit quantization error
-        from peft import replace_lora_weights_loftq
-
-        replace_lora_weights_loftq(model, model_path=weights_file)
+    if method_cfg.get("loftq_init"):
+        loftq_init(model, weights_file)
     if getattr(config, "init_lora_weights", None) == "eva":
         initialize_eva(model, config, init_batches())
     return model
+
+
+def loftq_init(model, weights_file: str | None) -> None:
+    """LoftQ (Li et al. 2023), as PEFT's replace_lora_weights_loftq does it: each 4-bit layer's
+    LoRA starts as the rank-r SVD of its quantization error (the original weight, read from
+    `weights_file`, less the dequantized 4-bit one), B = U sqrt(S), A = sqrt(S) V^T, so that
+    base + B A starts near the original weights when LoRA's scale (lora_alpha / r) is 1. On CUDA
+    PEFT's function runs; it computes on CUDA or XPU only, so elsewhere the same computation
+    runs here, on the weights' device."""
+    import torch
+
+    if next(model.parameters()).device.type == "cuda":
+        from peft import replace_lora_weights_loftq
+
+        replace_lora_weights_loftq(model, model_path=weights_file)
+        return
+    import bitsandbytes as bnb
+    from peft.tuners.lora import Linear4bit
+    from safetensors import safe_open
+
+    if weights_file is None:
+        raise ConfigError("method.loftq_init: on a CPU LoftQ reads the original weights from the model folder's "
+                          "model.safetensors (one file), which this model does not have")
+    with safe_open(weights_file, framework="pt") as original:
+        for name, module in model.named_modules():
+            if not isinstance(module, Linear4bit):
+                continue
+            weight = original.get_tensor(name.removeprefix("base_model.model.") + ".weight").float()
+            quantized = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            u, s, vh = torch.linalg.svd(weight - quantized, full_matrices=False)
+            r, root = module.r["default"], s[: module.r["default"]].sqrt()
+            module.lora_A["default"].weight.data = root[:, None] * vh[:r]
+            module.lora_B["default"].weight.data = u[:, :r] * root
 
 
 EVA_MAX_BATCHES = 2000  # forward passes EVA's incremental SVDs may take to converge

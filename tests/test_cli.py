@@ -144,7 +144,8 @@ def test_method_that_cannot_apply_is_refused_by_the_job(tmp_path):
      "num_virtual_tokens=250 + train.seq_len=64 exceeds the model's max_position_embeddings=256"),
     (["method=full", "+method.quantization.load_in_4bit=true"],
      "a quantized base cannot be fully fine-tuned"),
-    (["method=loftq", "device=cpu"], "method 'loftq' needs a CUDA GPU (device here: cpu); it cannot run on a CPU"),
+    (["method=lora", "+method.requires_cuda=true", "device=cpu"],
+     "method 'lora' needs a CUDA GPU (device here: cpu); it cannot run on a CPU"),
 ])
 def test_method_that_cannot_apply_is_a_config_error(tmp_path, args, message):
     from conftest import run_in_process

@@ -1,6 +1,7 @@
 """Every method trains a tiny model for real, and its result file is valid and plausible."""
 
 import statistics
+from pathlib import Path
 
 import pytest
 import yaml
@@ -8,7 +9,7 @@ import yaml
 from conftest import FAST, REPO, run_in_process
 from harness import results
 
-# every method config that runs on a CPU (loftq needs CUDA: see test_loftq_on_a_gpu)
+# every method config that runs on a CPU (those without `requires_cuda`)
 METHODS = sorted(p.stem for p in (REPO / "conf/method").glob("*.yaml")
                  if not yaml.safe_load(p.read_text()).get("requires_cuda"))
 # The methods that do not improve on the zero-shot score of the default task at the default
@@ -372,15 +373,44 @@ def test_galore_and_apollo_project_the_attention_and_mlp_weights_and_keep_small_
     assert optimizer_state_bytes(optimizer) == plain + matrices
 
 
-def test_loftq_on_a_gpu(tmp_path):
+def test_loftq_starts_each_4bit_layer_near_its_original_weights(model_cache):
+    """LoftQ: each 4-bit layer's LoRA is the rank-r SVD of its quantization error, as PEFT's own
+    decomposition gives it (peft.utils.loftq_utils._low_rank_decomposition), so that base + B A
+    (LoRA scale 1) is nearer the original weight than the 4-bit base alone. On a CPU the harness
+    computes it (PEFT's replace_lora_weights_loftq runs on CUDA or XPU only)."""
+    import bitsandbytes as bnb
     import torch
+    from peft.tuners.lora import Linear4bit
+    from peft.utils.loftq_utils import _low_rank_decomposition
+    from safetensors.torch import load_file
 
-    if not torch.cuda.is_available():
-        pytest.skip("loftq needs a CUDA GPU (PEFT's replace_lora_weights_loftq runs on CUDA only)")
-    from conftest import run_in_process
+    from conftest import compose
+    from harness.errors import ConfigError
+    from harness.methods import apply_method, loftq_init
+    from harness.models import load_model, resolve_model_source
 
-    result = run_in_process(tmp_path, ["method=loftq", *FAST])
-    assert result["status"] == "ok" and result["metrics"]["quantized_bits_per_weight"] == pytest.approx(4.127, abs=0.01)
+    cfg = compose(["method=loftq"])
+    source = Path(resolve_model_source(cfg["model"]))
+    model = load_model(str(source), None, dtype=torch.bfloat16, quantization=cfg["method"]["quantization"],
+                       device=torch.device("cpu"))
+    model = apply_method(model, cfg["method"], max_steps=10, gradient_checkpointing=False,
+                         weights_file=str(source / "model.safetensors"))
+    original = load_file(source / "model.safetensors")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == model.config.num_hidden_layers * 7
+    for name, module in layers:
+        weight = original[name.removeprefix("base_model.model.") + ".weight"].float()
+        error = weight - bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        peft = _low_rank_decomposition(error, reduced_rank=module.r["default"])
+        torch.testing.assert_close(a, peft["R"])
+        torch.testing.assert_close(b, peft["L"])
+        assert module.scaling["default"] == 1
+        assert (error - b @ a).norm() < 0.9 * error.norm(), name
+    with pytest.raises(ConfigError, match=r"^method.loftq_init: on a CPU LoftQ reads the original weights from the "
+                                          r"model folder's model.safetensors \(one file\), which this model does "
+                                          r"not have$"):
+        loftq_init(model, None)  # a sharded checkpoint: the job passes no single file
 
 
 def test_full_finetuning_names_its_optimizer_and_precision(method_results):
