@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 
@@ -74,8 +75,8 @@ def batch_stream(examples: list[dict], batch_size: int, seed: int, pad_id: int, 
 
 
 def one_epoch(examples: list[dict], batch_size: int, seed: int, pad_id: int, device) -> list[dict]:
-    """One pass over `examples` in the training loop's batches (model inputs only), for a
-    data-driven initialisation (EVA) to cycle through."""
-    order = length_grouped_batches([len(e["input_ids"]) for e in examples], batch_size, seed)
-    return [collate([examples[i] for i in next(order)], pad_id, device)
-            for _ in range(-(-len(examples) // batch_size))]
+    """The first pass over `examples` of `batch_stream` (model inputs only), for a data-driven
+    initialisation (EVA) to cycle through."""
+    batches = batch_stream(examples, batch_size, seed, pad_id, device)
+    return [{k: b[k] for k in ("input_ids", "attention_mask", "labels")}
+            for b in itertools.islice(batches, -(-len(examples) // batch_size))]

@@ -320,7 +320,8 @@ def loftq_init(model, weights_file: str | None) -> None:
             weight = original.get_tensor(name.removeprefix("base_model.model.") + ".weight").float()
             quantized = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
             u, s, vh = torch.linalg.svd(weight - quantized, full_matrices=False)
-            r, root = module.r["default"], s[: module.r["default"]].sqrt()
+            r = module.r["default"]
+            root = s[:r].sqrt()
             module.lora_A["default"].weight.data = root[:, None] * vh[:r]
             module.lora_B["default"].weight.data = u[:, :r] * root
 

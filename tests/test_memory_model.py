@@ -270,6 +270,10 @@ def test_predicted_peak_is_within_15_percent_of_the_measured_peak_on_smollm2(tmp
 # on an Intel CPU with AMX) a large share. Measured 2026-12-07 (Intel, AMX), predicted /
 # measured: tiny-13m 0.78-0.93; batch 64 0.92-0.96; checkpointing 0.90-0.94; grad_accum 2
 # 0.91-0.97.
+# a whole job cut to its training steps: three steps after the first, no scoring before training
+FEW_STEPS = ["task=arithmetic", "train.max_steps=3", "train.warmup_steps=1", "measure.warmup_steps=1",
+             "train.lr_scale=0.0625", "eval.before=false", "eval.validation=false", "task.n_train=128",
+             "task.n_test=4", "report.enabled=false"]
 UNFITTED = {  # name: (methods, overrides, tolerance); each SmolLM2 job costs about 10 s of CI
     "tiny-13m": ("qlora,lora,full", ["model=tiny-13m", "model.init=random", "train.batch_size=16"], 0.25),
     "batch 64": ("lora", ["model=smollm2-135m-gguf", "train.batch_size=64"], 0.15),
@@ -313,10 +317,7 @@ def test_predicted_peak_holds_on_configurations_it_was_not_fitted_on(name, tmp_p
     """The predicted peak itself against the measured one, each job in its own process, for
     qlora, lora and full in a configuration no constant of the model was fitted on."""
     methods, overrides, tolerance = UNFITTED[name]
-    run = run_cli(["-m", f"method={methods}", *overrides, "task=arithmetic", "train.max_steps=3",
-                   "train.warmup_steps=1", "measure.warmup_steps=1", "train.lr_scale=0.0625", "eval.before=false",
-                   "eval.validation=false", "task.n_train=128", "task.n_test=4", "report.enabled=false",
-                   f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path)
+    run = run_cli(["-m", f"method={methods}", *overrides, *FEW_STEPS, f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = results_under(tmp_path)
     assert sorted(r["method"] for r in rows) == sorted(methods.split(","))
@@ -341,11 +342,8 @@ def test_eva_with_its_moved_ranks_holds_once_the_cpus_per_shape_matmul_cache_is_
 
     env = {**os.environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
     run = subprocess.run([sys.executable, "-m", "harness", "-m", "method=eva", "model=tiny-13m", "model.init=random",
-                          "train.batch_size=16,48", "task=arithmetic", "train.max_steps=3", "train.warmup_steps=1",
-                          "measure.warmup_steps=1", "train.lr_scale=0.0625", "eval.before=false",
-                          "eval.validation=false", "task.n_train=128", "task.n_test=4", "report.enabled=false",
-                          f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=600)
+                          "train.batch_size=16,48", *FEW_STEPS, f"hydra.sweep.dir={tmp_path}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = results_under(tmp_path)
     assert sorted(r["config"]["train"]["batch_size"] for r in rows) == [16, 48]
