@@ -292,6 +292,35 @@ def _tiny_architecture(cfg: dict) -> None:
         raise ConfigError(f"model.tiny.tie_word_embeddings={tiny['tie_word_embeddings']!r}: must be true or false")
 
 
+def _distributed(cfg: dict) -> None:
+    """A job across several processes (train.nproc_per_node > 1, harness/distributed.py): what
+    cannot go with it is refused in one line."""
+    nproc = cfg["train"].get("nproc_per_node", 1)
+    if nproc == 1:
+        return
+    key = f"train.nproc_per_node={nproc}"
+    method = cfg["method"]
+    if not method.get("fsdp"):
+        from omegaconf import OmegaConf
+
+        shards = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml")
+                        if OmegaConf.load(p).get("fsdp"))
+        raise ConfigError(f"method {method['name']!r} does not shard with FSDP ({key}); methods that do: "
+                          f"{', '.join(shards)} (a method config with `fsdp: true`)")
+    for section in ("forgetting", "capability"):
+        if cfg.get(section):
+            raise ConfigError(f"{section}={cfg[section]['name']}: scores the base model in one process, not with "
+                              f"{key}; drop one of them")
+    if cfg["train"]["compile"]:
+        raise ConfigError(f"train.compile=true: not with {key} (FSDP jobs train eagerly)")
+    if cfg["device"].startswith("cuda:"):
+        raise ConfigError(f"device={cfg['device']}: with {key} rank r uses cuda:r of the visible GPUs; "
+                          "set device=auto or cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)")
+    gpus = gpu_count() if cfg["device"] != "cpu" else 0
+    if 0 < gpus < nproc or (cfg["device"] == "cuda" and gpus < nproc):
+        raise ConfigError(f"{key}: {gpus} GPU(s) visible; one rank per GPU needs {nproc}")
+
+
 def validate(cfg: dict) -> None:
     """Check a resolved job config (plain dict); raise ConfigError on the first bad value: the
     keys of the schema, then the model, method, task, forgetting and capability blocks."""
@@ -327,6 +356,8 @@ def validate(cfg: dict) -> None:
             dropout = peft["lora_dropout"]
             if not isinstance(dropout, Real) or not 0 <= dropout < 1:
                 raise ConfigError(f"method.peft.lora_dropout={dropout!r}: must be in [0, 1)")
+
+    _distributed(cfg)
 
     if cfg.get("capability"):
         _choice(cfg, "capability.scoring", ("choice",))

@@ -31,6 +31,8 @@ def generate_answers(model, tokenizer, prompts: list[str], *, batch_size: int, m
     """Greedy completions of `prompts`, batched by length with left padding, in input order."""
     import torch
 
+    from harness.distributed import synced
+
     encoded = tokenizer(prompts)["input_ids"]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(prompts)
@@ -47,6 +49,7 @@ def generate_answers(model, tokenizer, prompts: list[str], *, batch_size: int, m
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=synced(),  # several FSDP ranks: each runs until all are done
             )
             new_tokens = out[:, width:]
             for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):

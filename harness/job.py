@@ -140,8 +140,10 @@ def adapter_bytes(model) -> int:
     from peft import PeftModel
 
     from harness import adapters
+    from harness.distributed import world_size
 
-    if not isinstance(model, PeftModel) and not adapters.has_adapters(model):
+    if world_size() > 1 or (not isinstance(model, PeftModel) and not adapters.has_adapters(model)):
+        # sharded: the trainable tensors' bytes (what the saved adapter holds, less its header)
         return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     folder = Path(tempfile.mkdtemp(prefix="harness-adapter-"))
     try:
@@ -287,13 +289,15 @@ class Evaluator:
         self.model, self.autocast = model, autocast
 
     def _scored(self, task: dict, metric, dataset, split: str, stage: str):
+        from harness.distributed import gathered_root
         from harness.evaluation import SCORERS
 
         started = time.time()
-        value, samples, per_example = SCORERS[task["scoring"]](
-            self.model, self.setup.tokenizer, dataset, metric, task["metric"],
-            batch_size=self.config["eval"]["batch_size"], max_new_tokens=task["max_new_tokens"], device=self.device,
-            autocast=self.autocast)
+        with gathered_root(self.model):
+            value, samples, per_example = SCORERS[task["scoring"]](
+                self.model, self.setup.tokenizer, dataset, metric, task["metric"],
+                batch_size=self.config["eval"]["batch_size"], max_new_tokens=task["max_new_tokens"],
+                device=self.device, autocast=self.autocast)
         self.outcomes.extend({"split": split, "stage": stage, **o} for o in per_example)
         self.seconds += time.time() - started
         return value, samples
@@ -323,9 +327,13 @@ def load(setup: Setup, config: dict, device, sampler):
 
     from harness.models import load_model
 
+    from harness.distributed import world_size
+
     model_cfg = config["model"]
+    # several ranks: each loads the model on the CPU; sharding moves its shard to its device
     model = load_model(setup.source, model_cfg["revision"], dtype=getattr(torch, setup.method["base_dtype"]),
-                       quantization=setup.method.get("quantization"), device=device,
+                       quantization=setup.method.get("quantization"),
+                       device=torch.device("cpu") if world_size() > 1 else device,
                        trust_remote_code=model_cfg.get("trust_remote_code", False))
     sampler.note_model(model)
     sampler.phase("prepare")  # the model is loaded: the method is applied, scores before training
@@ -375,7 +383,7 @@ def fine_tune(model, setup: Setup, config: dict, device, autocast, sampler, metr
     """Train, with the sampler in its "train" phase (the headline peak) and the step timer.
     The job's time until training starts, less its `eval_seconds` of scoring, is its setup
     time (`started`: when its process was launched). Returns the optimizer."""
-    from harness import measure
+    from harness import distributed, measure
     from harness.data import batch_stream
     from harness.methods import make_optimizer
     from harness.train import lr_scheduler, train
@@ -387,15 +395,18 @@ def fine_tune(model, setup: Setup, config: dict, device, autocast, sampler, metr
     scheduler = lr_scheduler(optimizer, tcfg["schedule"], tcfg["warmup_steps"], tcfg["max_steps"])
     timer = measure.StepTimer(device, config["measure"]["warmup_steps"])
     batches = batch_stream(setup.examples, tcfg["batch_size"], config["seed"], setup.tokenizer.pad_token_id, device)
+    world = distributed.world_size()
+    if world > 1:  # every rank draws the same global batches and takes its share
+        batches = distributed.rank_batches(batches, distributed.rank(), world)
     sampler.phase("train")  # the headline peak: training's (harness/measure.py)
     train_start = time.time()
     metrics["wall_setup_s"] = train_start - started - eval_seconds
     losses = train(model, optimizer, scheduler, batches, max_steps=tcfg["max_steps"],
                    grad_accum=tcfg["grad_accum"], max_grad_norm=tcfg["max_grad_norm"], timer=timer,
                    autocast=autocast, log_every=tcfg["log_every"], compile=tcfg["compile"], record=metrics,
-                   probe=sampler.probe)
+                   probe=sampler.probe, world_size=world)
     metrics["wall_train_s"] = time.time() - train_start
-    metrics.update(sampler.stop())
+    metrics.update(distributed.per_rank_memory(sampler.stop()) if world > 1 else sampler.stop())
     metrics.update(timer.summary())
     metrics.update(train_loss_first=losses[0], train_loss_last=losses[-1], train_losses=losses)
     return optimizer
@@ -403,11 +414,12 @@ def fine_tune(model, setup: Setup, config: dict, device, autocast, sampler, metr
 
 def training_metrics(model, optimizer, setup: Setup, device, metrics: dict) -> None:
     """What training leaves to record: FLOPs and MFU, the optimizer's state, AdaLoRA's ranks."""
+    from harness.distributed import world_size
     from harness.methods import adamw_impl_used, optimizer_state_bytes, optimizer_state_dtypes
 
     mean_length = sum(len(e["input_ids"]) for e in setup.examples) / len(setup.examples)
-    metrics.update(training_flops(model, setup.model_config, setup.method, setup.examples, device,
-                                  metrics["tokens_per_s"],
+    per_device = metrics["tokens_per_s"] / world_size() if metrics["tokens_per_s"] else None  # MFU over all ranks
+    metrics.update(training_flops(model, setup.model_config, setup.method, setup.examples, device, per_device,
                                   setup.tcfg["batch_size"] * setup.tcfg["grad_accum"] * mean_length))
     metrics["optimizer"] = setup.method["optimizer"]["name"]
     metrics["adamw_impl"] = adamw_impl_used(optimizer)
@@ -447,6 +459,8 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     scored example's outcome appended to `outcomes`. `started` is when the job's process was
     launched (time.time()); wall times are split into setup (process start, imports, model
     load, data), training and evaluation."""
+    from harness import distributed
+
     setup = prepare(config, device, metrics)
     evaluator = Evaluator(config, setup, device, outcomes)
     model = load(setup, config, device, sampler)
@@ -454,6 +468,8 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     evaluator.use(model, autocast)
     score_base_model(evaluator, metrics)
     model = with_method(model, setup, config, device, sampler, metrics)
+    if distributed.world_size() > 1:
+        model = distributed.shard(model, device)
     evaluator.use(model, autocast)
     if config["eval"]["before"]:
         metrics["score_before"], _ = evaluator.task("before")
@@ -488,14 +504,19 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from harness import distributed
+
     import_libraries()  # before the memory baseline, so library code is not counted as the job's
-    device = pick_device(config["device"])
+    world = distributed.world_size()
+    device = distributed.init(config["device"]) if world > 1 else pick_device(config["device"])
     if device.type == "cpu" and os.environ.get("HARNESS_CPU_THREADS"):  # set by the local-gpus launcher
         torch.set_num_threads(int(os.environ["HARNESS_CPU_THREADS"]))
     determinism = seed_everything(config["seed"], config["deterministic"])
     result = new_result(config)
     result["env"] = environment(device, command, list(overrides), determinism)
     result["env"]["bf16_native"] = has_native_bf16(device)
+    if world > 1:
+        result["env"]["launch"].update(distributed.launch_facts(device))
     if device.type == "cpu":
         from harness.measure import release_freed_cpu_memory
 
@@ -528,9 +549,16 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
             log.error("job failed:\n%s", traceback.format_exc())
             result.update(status="error", error=f"{type(e).__name__}: {e}")
     finally:
-        metrics.update(sampler.stop())  # a no-op after training; on failure, the peak so far
+        for key, value in sampler.stop().items():  # on failure, the peak so far; after training, kept as
+            if metrics.get(key) is None:             # training recorded it (across ranks: the highest rank's)
+                metrics[key] = value
     metrics["wall_total_s"] = time.time() - started
     result["env"]["end_time"] = now()
+    if distributed.rank() != 0:  # rank 0 writes the job's result; another says how it ended if not ok
+        if result["status"] != "ok":
+            write_json_atomic(out_dir / distributed.rank_result_name(distributed.rank()),
+                              {"status": result["status"], "error": result["error"]})
+        return result
     if outcomes:  # first, so that a whole result.json never names a missing or torn file
         write_jsonl_atomic(out_dir / OUTCOMES_NAME, outcomes)
         result["outcomes"] = {"file": OUTCOMES_NAME, "rows": len(outcomes)}
@@ -578,15 +606,22 @@ def run_child(payload: dict, out_dir: str) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(out_dir)
+    result = run_payload(payload, out_dir)
+    sys.exit(1 if result["status"] in ("error", "cancelled") else 0)
+
+
+def run_payload(payload: dict, out_dir: Path, say_config_error: bool = True) -> dict:
+    """run_job on a job's payload; returns its result. A bad configuration exits 2 (said in one
+    line, with `say_config_error`), a result the disk refused exits 3 (said in one line)."""
     try:
-        result = run_job(payload["config"], out_dir, payload.get("command", ""), payload.get("overrides", []),
-                         payload.get("launched_at"))
+        return run_job(payload["config"], out_dir, payload.get("command", ""), payload.get("overrides", []),
+                       payload.get("launched_at"))
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if say_config_error:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
         if (stop := unwritable(e)) is None:
             raise
         print(f"error: {stop}", file=sys.stderr)
         sys.exit(UNWRITABLE_EXIT)
-    sys.exit(1 if result["status"] in ("error", "cancelled") else 0)

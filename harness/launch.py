@@ -113,10 +113,14 @@ def build_model(model_cfg: dict) -> str:
 
 
 def run_job_process(payload: dict, out_dir: Path) -> int:
-    """Run one job in a fresh process forked from the preloaded forkserver; its exit code."""
+    """Run one job in a fresh process forked from the preloaded forkserver; its exit code. A
+    job of several ranks (train.nproc_per_node > 1) runs torchrun's agent there instead, which
+    starts the rank processes (harness/distributed.py)."""
+    from harness.distributed import agent
     from harness.job import run_child
 
-    process = forkserver().Process(target=run_child, args=(payload, str(out_dir)), name="harness-job")
+    target = agent if payload["config"]["train"].get("nproc_per_node", 1) > 1 else run_child
+    process = forkserver().Process(target=target, args=(payload, str(out_dir)), name="harness-job")
     process.start()
     try:
         process.join()

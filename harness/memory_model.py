@@ -218,6 +218,9 @@ def weight_bytes(shapes: dict, method: dict) -> dict:
         base = linear_weights + rows * 4 + other * 4
     else:
         base = (linear_weights + other) * base_bytes
+    # the weights outside the decoder layers (embeddings, final norm, lm_head), as stored
+    root_params = h + vocab * h * (1 if shapes["tied"] else 2)
+    root_bytes = root_params * (4 if quant.get("load_in_4bit") or quant.get("load_in_8bit") else base_bytes)
     trainable, buffers = adapter_params(shapes, method.get("peft"), method["base_dtype"])
     if not method.get("peft"):
         trainable = linear_weights + other
@@ -229,6 +232,8 @@ def weight_bytes(shapes: dict, method: dict) -> dict:
         "trainable_bytes_per_param": adapter_bytes or base_bytes,
         "linear_weights": linear_weights,
         "quantized": bool(quant),
+        "root_params": root_params,
+        "root_bytes": root_bytes,
     }
 
 
@@ -341,12 +346,22 @@ def layer_activation_bytes(shapes: dict, method: dict, *, tokens: float, seq: fl
 
 def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device: str = "cuda",
             precision: str = "bf16", gradient_checkpointing: bool = False, grad_accum: int = 1,
-            attention: str = "sdpa", padded: bool = True, adamw_impl: str = "default") -> dict:
+            attention: str = "sdpa", padded: bool = True, adamw_impl: str = "default", world_size: int = 1) -> dict:
     """Predicted peak training memory (MiB) and its breakdown; see the module docstring.
 
     `seq_len` is the tokens of one sequence (the longest in a batch); `device` is "cuda" or
     "cpu" (dropout masks and the runtime overhead differ); `padded` says whether batches
     carry a padding mask.
+
+    `world_size` > 1: the peak of each of that many FSDP ranks (harness/distributed.py), with
+    `batch_size` the global batch, split across them. Weights, gradients and optimizer states
+    are sharded (1/N each); each rank's activations are those of its share of the batch; on top
+    come what FSDP gathers while it computes: the parameters outside the decoder layers (the
+    root's, gathered for the whole forward and backward pass), two decoder layers' parameters
+    (the one computed and the next, prefetched) and two layers' unsharded gradients (the one
+    being reduce-scattered and its copy into the reduce-scatter buffer); and, with full
+    fine-tuning, the root's unsharded gradients, reduce-scattered at the end of the backward
+    pass. Autocast's bf16 copies are made from the gathered weights and kept whole.
     """
     device = "cpu" if str(device).startswith("cpu") else "cuda"
     shapes = layer_shapes(arch)
@@ -358,6 +373,7 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
     prompt, prefix = peft_types.virtual_tokens(peft)
     c = 2 if precision == "bf16" else (4 if method["base_dtype"] == "float32" else 2)
     seq = seq_len + prompt                 # positions each layer processes
+    batch_size = batch_size / world_size   # this rank's share of the batch
     tokens = batch_size * seq
     layers = shapes["layers"]
 
@@ -403,8 +419,15 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
     # dequantized weight of the layer being computed, forward or backward: bitsandbytes' bf16
     # copy; HQQ's unpacked weight, less the zero point, times the scale (three alive at once)
     dequant = (3 * c if is_hqq(method) else 2) * largest if method.get("quantization") else 0
-    accumulated = gradients if grad_accum > 1 else 0
-    forward_backward = activations + logits + backward_working + autocast_copies + dequant + accumulated
+    accumulated = gradients / world_size if grad_accum > 1 else 0
+    gathered = 0.0
+    if world_size > 1:  # what FSDP holds unsharded while a rank computes (see the docstring)
+        root_grads = w["root_params"] * tbytes if not peft else 0
+        layer_weights = (w["weights"] - w["root_bytes"]) / layers
+        layer_grads = (gradients - root_grads) / layers
+        gathered = w["root_bytes"] + 2 * layer_weights + 2 * layer_grads + root_grads
+    forward_backward = (activations + logits + backward_working + autocast_copies + dequant + accumulated
+                        + gathered)
     # the step: multi-tensor ("foreach") AdamW, torch's default on CUDA, builds a state-sized
     # temporary; the per-tensor loop (the CPU default) one tensor's worth; fused AdamW none
     multi_tensor = adamw_impl == "foreach" or (adamw_impl == "default" and device == "cuda")
@@ -416,15 +439,16 @@ def predict(arch: dict, method: dict, *, batch_size: int, seq_len: float, device
         step_temp = ADAM8BIT_CPU_STEP_BYTES * min(trainable, largest)  # copies for the tensor stepped
     else:  # fused AdamW; bitsandbytes' CUDA kernels, which update the 8-bit states in place
         step_temp = 0
-    step = gradients + step_temp
+    step = (gradients + step_temp) / world_size  # each rank steps its shards
     overhead = (CPU_OVERHEAD_MB if device == "cpu" else CUDA_OVERHEAD_MB) * MIB
-    peak = w["weights"] + optimizer + max(forward_backward, step) + overhead
+    peak = (w["weights"] + optimizer) / world_size + max(forward_backward, step) + overhead
     mb = lambda b: b / MIB  # noqa: E731
     return {
         "peak_mb": mb(peak),
-        "weights_mb": mb(w["weights"]),
-        "gradients_mb": mb(gradients),
-        "optimizer_mb": mb(optimizer),
+        "weights_mb": mb(w["weights"] / world_size),
+        "gradients_mb": mb(gradients / world_size),
+        "optimizer_mb": mb(optimizer / world_size),
+        "fsdp_gathered_mb": mb(gathered),
         "activations_mb": mb(activations),
         "logits_mb": mb(logits),
         "backward_working_mb": mb(backward_working),
@@ -464,4 +488,4 @@ def training_setting(train_cfg: dict, device: str) -> dict:
     batch size and sequence length aside."""
     return {"device": device, "precision": train_cfg["precision"],
             "gradient_checkpointing": train_cfg["gradient_checkpointing"], "grad_accum": train_cfg["grad_accum"],
-            "adamw_impl": train_cfg.get("adamw_impl", "default")}
+            "adamw_impl": train_cfg.get("adamw_impl", "default"), "world_size": train_cfg.get("nproc_per_node", 1)}

@@ -61,10 +61,15 @@ def load_methods() -> list[dict]:
 
 def plan(arch: dict, methods: list[dict], train: dict, gpus_gb) -> list[dict]:
     """One row per method: the prediction on a GPU for the `train` config's batch and sequence
-    length, and for each GPU size whether it fits and the largest batch size that does."""
+    length, and for each GPU size whether it fits and the largest batch size that does. With
+    train.nproc_per_node = N > 1: the peak of each of N FSDP ranks (train.batch_size the
+    global batch) and the largest batch per card, for the methods that shard (`fsdp: true`)."""
     kwargs = {"seq_len": train["seq_len"], **memory_model.training_setting(train, "cuda")}
+    nproc = kwargs["world_size"]
     rows, unknown = [], []
     for method in methods:
+        if nproc > 1 and not method.get("fsdp"):
+            continue
         try:
             p = memory_model.predict(arch, method, batch_size=train["batch_size"], **kwargs)
         except memory_model.UnsupportedMethod as e:  # a method added without a model of its memory
@@ -75,7 +80,12 @@ def plan(arch: dict, methods: list[dict], train: dict, gpus_gb) -> list[dict]:
         for gb in gpus_gb:
             budget = gb * 1024 - memory_model.CUDA_CONTEXT_MB
             row[f"fits_{gb:g}"] = p["peak_mb"] <= budget
-            row[f"max_batch_{gb:g}"] = memory_model.max_batch_size(arch, method, budget, **kwargs)
+            per_card = {**kwargs, "batch_size": 0}  # batch b on each of the N cards: a global batch of b * N
+
+            def fits(b, method=method, budget=budget):
+                return memory_model.predict(arch, method, **{**per_card, "batch_size": b * nproc})["peak_mb"] <= budget
+
+            row[f"max_batch_{gb:g}"] = memory_model.largest(fits)
         rows.append(row)
     return sorted(rows, key=lambda r: -r["peak_mb"]) + sorted(unknown, key=lambda r: r["method"])
 
@@ -94,7 +104,7 @@ def format_table(rows: list[dict], gpus_gb) -> str:
             else:
                 notes.append(f"{r['method']}: not modelled ({r['not_modelled']}); its jobs run, with no prediction")
             continue
-        other = r["autocast_copies_mb"] + r["overhead_mb"]
+        other = r["autocast_copies_mb"] + r["overhead_mb"] + r["fsdp_gathered_mb"]
         lines.append([r["method"], f"{r['trainable_params']:,}", gib(r["peak_mb"]), gib(r["weights_mb"]),
                       gib(r["gradients_mb"]), gib(r["optimizer_mb"]), gib(r["activations_mb"]),
                       gib(r["logits_mb"] + r["backward_working_mb"]), gib(other)]
@@ -228,11 +238,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-mem", default=",".join(map(str, DEFAULT_GPUS_GB)),
                         help="GPU memory sizes in GB, comma-separated (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    parser.add_argument("--nproc", type=int, metavar="N", help="the job on N GPUs with FSDP (train.nproc_per_node=N): "
+                        "each card's peak, train.batch_size the global batch; max batch is per card")
     parser.add_argument("--power", metavar="DIFF", help="instead: seeds and test examples needed to detect a score "
                         "difference DIFF against QLoRA (e.g. 0.01: 1 point), from --pilot")
     parser.add_argument("--pilot", nargs="+", type=Path, metavar="SWEEP_DIR",
                         help="with --power: a pilot sweep's folder(s), with per-example outcomes")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options and overrides in any order
     if args.power is not None or args.pilot:
         logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
         try:
@@ -246,7 +258,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         gpus = parse_gpu_mem(args.gpu_mem)
+        if args.nproc is not None and args.nproc < 1:
+            raise ConfigError(f"--nproc={args.nproc}: give the number of GPUs, a positive integer")
         config = compose_config(args.overrides)
+        if args.nproc:  # set after validation: planning for N GPUs needs none here
+            config["train"]["nproc_per_node"] = args.nproc
         arch = architecture_of(config["model"])
         t = config["train"]
         rows = plan(arch, load_methods(), t, gpus)
@@ -259,11 +275,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(rows, indent=1))
         return
+    sharded = f"; FSDP over {t['nproc_per_node']} GPUs, each card's peak" if t["nproc_per_node"] > 1 else ""
     print(f"{config['model']['name']}: {memory_model.parameter_count(arch):,} parameters; batch {t['batch_size']} x "
           f"seq {t['seq_len']}, {t['precision']}, gradient checkpointing "
-          f"{'on' if t['gradient_checkpointing'] else 'off'}; predicted peak on a GPU (MiB / 1024 = GiB),"
+          f"{'on' if t['gradient_checkpointing'] else 'off'}{sharded}; predicted peak on a GPU (MiB / 1024 = GiB),"
           f" + {memory_model.CUDA_CONTEXT_MB:.0f} MiB CUDA context to fit")
     print(format_table(rows, gpus))
+    if t["nproc_per_node"] > 1:
+        print("not sharded with FSDP (their jobs refuse train.nproc_per_node > 1): "
+              + ", ".join(m["name"] for m in load_methods() if not m.get("fsdp")))
 
 
 if __name__ == "__main__":

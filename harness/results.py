@@ -16,10 +16,11 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-SCHEMA_VERSION = 7  # 2: config_hash, status "cancelled"; 3: predicted memory; 4: forgetting;
+SCHEMA_VERSION = 8  # 2: config_hash, status "cancelled"; 3: predicted memory; 4: forgetting;
 # 5: CPU peak memory is malloc in use (memory_source "cpu_malloc_in_use"), compile and adamw_impl;
 # 6: each scored example's outcome in predictions.jsonl (`outcomes`); 7: peak memory is the
-# training phase's (memory_phase, phase_peak_memory_mb)
+# training phase's (memory_phase, phase_peak_memory_mb); 8: jobs across ranks (metrics
+# peak_memory_mb_per_rank and peak_memory_rank, env.launch world_size and rank_devices)
 SCHEMA_PATH = Path(__file__).with_name("result_schema.json")
 RESULT_NAME = "result.json"
 OUTCOMES_NAME = "predictions.jsonl"  # each scored example's outcome, one JSON object a line
@@ -52,6 +53,8 @@ def config_hash(config: dict) -> str:
 
     relevant = {k: v for k, v in config.items() if k not in UNHASHED_KEYS}
     relevant["train"] = {k: v for k, v in config["train"].items() if k not in UNHASHED_TRAIN_KEYS}
+    if relevant["train"].get("nproc_per_node") == 1:  # one process: hashed as before the key existed
+        del relevant["train"]["nproc_per_node"]
     baseline = (config.get("report") or {}).get("baseline", "qlora")
     if config.get("budget", "default") != "default" and baseline != "qlora":
         relevant["budget_baseline"] = baseline  # the method is sized to the baseline: a change reruns it

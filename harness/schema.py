@@ -115,6 +115,7 @@ class TrainConfig:
     seq_len: int = spec(min=1)
     precision: str = spec(choices=("bf16", "fp32"))
     gradient_checkpointing: bool = spec()
+    nproc_per_node: int = spec(min=1)
     compile: bool = spec()
     adamw_impl: str = spec(choices=_adamw_impls)
     log_every: int = spec(min=1)

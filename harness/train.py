@@ -83,6 +83,7 @@ def train(
     compile: bool = False,
     record: dict | None = None,
     probe: Callable[[], None] = lambda: None,
+    world_size: int = 1,
 ) -> list[float]:
     """Train for `max_steps` optimizer steps; returns the loss of every step.
 
@@ -97,8 +98,15 @@ def train(
     `batches` yields dicts of model inputs plus `n_tokens` (non-padding tokens) and
     `n_labels` (tokens that carry a loss), Python ints. Raises `Diverged` as soon as a step's
     loss is not finite.
+
+    With `world_size` > 1 (one of several FSDP ranks, harness/distributed.py) each batch is this
+    rank's share of a global batch and also carries `world_labels`, the global batch's labelled
+    tokens: each rank's loss is weighted by its share of the step's labelled tokens, times the
+    world size (FSDP averages gradients over ranks), so the update is one process's on the
+    global batch; the logged loss is summed over the ranks.
     """
     import torch
+    import torch.distributed as dist
 
     params = [p for p in model.parameters() if p.requires_grad]
     adalora = is_adalora(model)
@@ -111,15 +119,19 @@ def train(
     compile_errors = (torch._dynamo.exc.TorchDynamoException,) if compile else ()  # () catches nothing
     model.train()
 
-    def forward_backward(micro_batches: list[dict], shares: list[int]):
+    def forward_backward(micro_batches: list[dict], shares: list[int], total: int):
         """Gradients of the step's token-mean loss; returns that loss (a tensor)."""
         step_loss = torch.zeros((), device=params[0].device)
         for batch, labelled in zip(micro_batches, shares):
-            weight = labelled / sum(shares)  # 1.0 without accumulation
+            weight = labelled / total  # 1.0 with one micro-batch and one process
             with autocast():
                 out = forward(**batch)
             probe()  # the activations are all held now
-            (out.loss * weight).backward()
+            if labelled:
+                (out.loss * weight * world_size).backward()
+            else:  # a rank's share without labels: no loss, but the same collectives as the others
+                (out.logits.sum() * 0.0).backward()
+                continue
             # Log the task loss: AdaLoRA's objective adds its orthogonality regularizer.
             logged = task_loss(out.logits, batch["labels"]) if adalora else out.loss.detach()
             step_loss += logged * weight
@@ -132,15 +144,18 @@ def train(
         micro_batches = [next(batches) for _ in range(grad_accum)]
         step_tokens = sum(b.pop("n_tokens") for b in micro_batches)
         shares = [b.pop("n_labels") for b in micro_batches]
+        total = sum(b.pop("world_labels", labelled) for b, labelled in zip(micro_batches, shares))
         try:
-            step_loss = forward_backward(micro_batches, shares)
+            step_loss = forward_backward(micro_batches, shares, total)
         except compile_errors as e:  # torch.compile failed on this model
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             log.warning("train.compile=true: this model does not compile (%s); training eagerly", reason[:300])
             record.update(compiled=False, compile_error=reason)
             optimizer.zero_grad(set_to_none=True)
             forward, compile_errors = model, ()
-            step_loss = forward_backward(micro_batches, shares)
+            step_loss = forward_backward(micro_batches, shares, total)
+        if world_size > 1:  # each rank's share of the step's loss: their sum is the step's
+            dist.all_reduce(step_loss)
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
