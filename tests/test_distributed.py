@@ -104,7 +104,7 @@ def test_a_killed_rank_ends_its_job_the_sweep_goes_on_and_a_rerun_resumes(tmp_pa
     dead, other = runs["lora", 2], runs["lora", 1]
     assert dead["status"] == "error" and dead["error"] == "rank 1 of 2: process killed by signal SIGSEGV", dead["error"]
     assert other["status"] == "ok"
-    again = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    again = run_cli(args[3:], cwd=tmp_path)  # the same command, in this process (no second interpreter)
     assert again.returncode == 0, again.stderr[-2000:]
     runs = by_ranks(tmp_path / "sweep")
     assert runs["lora", 2]["status"] == "ok" and len(runs["lora", 2]["metrics"]["train_losses"]) == 40

@@ -335,23 +335,24 @@ def test_predicted_peak_holds_on_configurations_it_was_not_fitted_on(name, tmp_p
     assert all(1 - tolerance <= v <= 1 + tolerance for v in ratios.values()), ratios
 
 
-@pytest.mark.slow  # 2 jobs and their own interpreter (35 s): run by .ci/run with -m slow
+@pytest.mark.slow  # a job and its own interpreter (about 35 s): run by .ci/run with -m slow
 def test_eva_with_its_moved_ranks_holds_once_the_cpus_per_shape_matmul_cache_is_off(tmp_path):
-    """EVA as shipped (rho 2: uneven ranks), whole jobs on tiny-13m at two batch sizes, with
+    """EVA as shipped (rho 2: uneven ranks), a whole job on tiny-13m at batch 48, with
     oneDNN's primitive cache off (ONEDNN_PRIMITIVE_CACHE_CAPACITY=0, read by a job process when
     it starts: hence a fresh interpreter). That cache holds most of what EVA's uneven ranks add
     outside any tensor on a CPU (UNFITTED's note); some per-shape state remains (plain LoRA with
     uneven ranks, cache off, still holds 33 MiB more than at uniform ranks). Measured 2026-12-07
-    (AMD EPYC, AVX-512 BF16): 0.79 at 16 and 48; with the cache on 0.62."""
+    (AMD EPYC, AVX-512 BF16): 0.79 at 16 and 48; with the cache on 0.62. (Batch 16 is left out
+    to keep CI short.)"""
     import os
 
     env = {**os.environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
     run = subprocess.run([sys.executable, "-m", "harness", "-m", "method=eva", "model=tiny-13m", "model.init=random",
-                          "train.batch_size=16,48", *FEW_STEPS, f"hydra.sweep.dir={tmp_path}"],
+                          "train.batch_size=48", *FEW_STEPS, f"hydra.sweep.dir={tmp_path}"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = results_under(tmp_path)
-    assert sorted(r["config"]["train"]["batch_size"] for r in rows) == [16, 48]
+    assert [r["config"]["train"]["batch_size"] for r in rows] == [48]
     ratios = {}
     for r in rows:
         assert r["status"] == "ok" and r["metrics"]["eva_rank_pattern"], r["error"]  # its ranks moved
