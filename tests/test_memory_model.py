@@ -306,7 +306,7 @@ UNFITTED = {  # name: (methods, overrides, tolerance); each SmolLM2 job costs ab
     # (rho 2) 0.62 at 16 and 48, 0.79 with the cache off; SmolLM2-135M (batch 8) 0.74, 0.88.
     # FSDP, two ranks on the CPU (gloo), each predicted as its own share (the tolerance of tiny-13m
     # at one rank): measured 2026-12-07 (AMD EPYC, AVX-512 BF16), predicted / measured per rank
-    # at batch 48: lora 0.87, full 0.80, qlora 0.83, dora 0.85 (one rank: 0.93, 0.99, 0.92, 0.93)
+    # at batch 48: lora 0.83-0.87, full 0.80, qlora 0.83, dora 0.85 (one rank: 0.93, 0.99, 0.92, 0.93)
     "two ranks": ("lora,full", ["model=tiny-13m", "model.init=random", "train.batch_size=48",
                                 "train.nproc_per_node=2"], 0.25),
     "eva with uniform ranks": ("eva", ["model=tiny-13m", "model.init=random", "train.batch_size=48",
