@@ -181,6 +181,10 @@ def preflight(argv: list[str]) -> None:
     configs = compose_jobs(argv)
     for config in configs:
         validate(config)
+        nproc = config["train"]["nproc_per_node"]
+        if nproc > 1 and "hydra/launcher=local-gpus" in argv:  # it gives each job one GPU of the host
+            raise ConfigError(f"train.nproc_per_node={nproc} with hydra/launcher=local-gpus: that launcher gives "
+                              "each job one GPU; run jobs of several ranks with the default launcher (or slurm)")
     if configs:
         call_in_server(check_library_settings, configs)
 

@@ -3,7 +3,7 @@
 With `train.nproc_per_node=N` (N > 1) the launcher (harness/launch.py) starts the job as N
 rank processes with torchrun's own machinery (`torch.distributed.launcher.elastic_launch`,
 what `torchrun --standalone --nproc_per_node N` runs), from an agent process forked like any
-job process. Each rank runs `main` below, which runs the job (harness/job.py) with these
+job process. Each rank runs `rank_main` below, which runs the job (harness/job.py) with these
 differences:
 
 - the ranks join one process group (NCCL on GPUs, gloo on a CPU); rank r uses `cuda:r`;
@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger("harness.distributed")
@@ -65,7 +66,9 @@ def agent(payload: dict, out_dir: str) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from harness.config import gpu_count
     from harness.job import UNWRITABLE_EXIT, die_with_parent, setup_logging
+    from harness.results import RESULT_NAME
 
     die_with_parent()
     os.environ.update(payload.get("env", {}))
@@ -79,13 +82,16 @@ def agent(payload: dict, out_dir: str) -> None:
     payload_file = out / PAYLOAD_NAME
     payload_file.write_text(json.dumps(payload))
     logs = tempfile.mkdtemp(prefix="harness-torchrun-")  # torchrun's own files (the ranks log to the job's)
+    # On a CPU the ranks fork from this process, which has the job server's libraries imported
+    # (seconds saved per job); GPU ranks start fresh (spawn): CUDA cannot be used across a fork.
+    on_gpus = payload["config"]["device"] != "cpu" and gpu_count() > 0
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
                           monitor_interval=0.1, logs_specs=DefaultLogsSpecs(log_dir=logs),
-                          signals_to_handle="SIGTERM,SIGINT")
-    code = 0
+                          start_method="spawn" if on_gpus else "fork", signals_to_handle="SIGTERM,SIGINT")
+    code, started = 0, time.time()
     try:
-        elastic_launch(config, sys.executable)("-m", "harness.distributed", str(payload_file), str(out))
+        elastic_launch(config, rank_main)(str(payload_file), str(out))
     except ChildFailedError as e:
         # the first to fail (timestamps are in seconds: of two at once, one killed by a signal)
         failed_rank, failure = min(e.failures.items(), key=lambda item: (item[1].timestamp, item[1].exitcode >= 0))
@@ -93,10 +99,10 @@ def agent(payload: dict, out_dir: str) -> None:
             code = failure.exitcode
         else:
             code = 1
-            record_failed_rank(payload, out, failed_rank, failure.exitcode)
+            record_failed_rank(payload, out, failed_rank, failure.exitcode, started)
     except Exception as e:  # the agent itself was signalled (Ctrl-C, SIGTERM) or could not start the ranks
         code = 1
-        if not (out / "result.json").is_file():
+        if not written_since(out / RESULT_NAME, started):
             from harness.launch import result_for_dead_job
             from harness.results import write_json_atomic
 
@@ -104,7 +110,7 @@ def agent(payload: dict, out_dir: str) -> None:
             cancelled = type(e).__name__ == "SignalException"
             result.update(status="cancelled" if cancelled else "error",
                           error=f"cancelled by {e}" if cancelled else f"torchrun: {type(e).__name__}: {e}")
-            write_json_atomic(out / "result.json", result)
+            write_json_atomic(out / RESULT_NAME, result)
     finally:
         shutil.rmtree(logs, ignore_errors=True)
         payload_file.unlink(missing_ok=True)
@@ -113,7 +119,12 @@ def agent(payload: dict, out_dir: str) -> None:
     sys.exit(code)
 
 
-def record_failed_rank(payload: dict, out: Path, failed_rank: int, exitcode: int) -> None:
+def written_since(path: Path, started: float) -> bool:
+    """Whether `path` was written by this run of the job (not left by an earlier, failed one)."""
+    return path.is_file() and path.stat().st_mtime >= started - 1  # file times may round down
+
+
+def record_failed_rank(payload: dict, out: Path, failed_rank: int, exitcode: int, started: float) -> None:
     """The job's result when rank `failed_rank` ended it: rank 0's own result when rank 0
     failed first and wrote one; otherwise rank 0's result (if any) with the failed rank's
     status and error (from its `.rank-R-result.json`, or from how it died)."""
@@ -121,7 +132,7 @@ def record_failed_rank(payload: dict, out: Path, failed_rank: int, exitcode: int
     from harness.results import RESULT_NAME, write_json_atomic
 
     path = out / RESULT_NAME
-    written = json.loads(path.read_text()) if path.is_file() else None
+    written = json.loads(path.read_text()) if written_since(path, started) else None
     if failed_rank == 0 and written is not None:
         return
     rank_file = out / rank_result_name(failed_rank)
@@ -256,12 +267,13 @@ def per_rank_memory(readings: dict) -> dict:
             "peak_memory_rank": everyone.index(highest)}
 
 
-def main() -> None:
-    """A rank process: `python -m harness.distributed PAYLOAD_FILE OUT_DIR`, started by torchrun."""
+def rank_main(payload_file: str, out_dir: str) -> None:
+    """Body of a rank process, started by torchrun's elastic launch (RANK, LOCAL_RANK,
+    WORLD_SIZE and the rendezvous in its environment): the job, then exit 0 if it is ok."""
     from harness.job import die_with_parent, raise_keyboard_interrupt, run_payload, setup_logging
 
-    payload_file, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
-    payload = json.loads(payload_file.read_text())
+    out_dir = Path(out_dir)
+    payload = json.loads(Path(payload_file).read_text())
     die_with_parent()
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     os.environ.update(payload.get("env", {}))
@@ -273,7 +285,3 @@ def main() -> None:
         logging.getLogger().setLevel(logging.WARNING)
     result = run_payload(payload, out_dir, say_config_error=r == 0)  # every rank finds the same mistake
     sys.exit(0 if result["status"] == "ok" else 1)
-
-
-if __name__ == "__main__":
-    main()

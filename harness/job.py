@@ -8,6 +8,10 @@ text), applies the method, scores the model before training, trains, scores it a
 measures the general-text loss again), and writes `OUT_DIR/result.json` whatever happens:
 `ok`, `oom`, `diverged` or `error`.
 
+A job of several ranks (train.nproc_per_node > 1) runs this in each rank process
+(harness/distributed.py): the model is sharded once the method is applied, each rank trains on
+its share of every batch, and rank 0 alone writes the result.
+
 Exit codes: 0 for ok/oom/diverged, 1 for error, 2 for a bad configuration (one line on
 stderr, no result written), 3 for a result the disk refused (full, read-only: one line on
 stderr naming the file; the sweep stops).
@@ -325,9 +329,8 @@ def load(setup: Setup, config: dict, device, sampler):
     file-mapped weights and moves to the "prepare" phase."""
     import torch
 
-    from harness.models import load_model
-
     from harness.distributed import world_size
+    from harness.models import load_model
 
     model_cfg = config["model"]
     # several ranks: each loads the model on the CPU; sharding moves its shard to its device
@@ -499,13 +502,12 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
     started = launched_at or time.time()
     import torch
 
+    from harness import distributed
     from harness.measure import MemorySampler
     from harness.train import Diverged
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from harness import distributed
-
     import_libraries()  # before the memory baseline, so library code is not counted as the job's
     world = distributed.world_size()
     device = distributed.init(config["device"]) if world > 1 else pick_device(config["device"])

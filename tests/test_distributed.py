@@ -63,19 +63,19 @@ def test_two_ranks_train_as_one_process_does_on_the_same_global_batch(tmp_path):
         assert (folder / "predictions.jsonl").is_file()
 
 
-def rank_pid(rank: int, marker: str) -> int | None:
-    """The pid of rank `rank` of the distributed job whose output folder path holds `marker`."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+def rank_pid(sweep_pid: int, rank: int) -> int | None:
+    """The pid of rank `rank` of the 2-rank job a sweep (the process `sweep_pid`) runs now: its
+    agent is the one process under the sweep with two children and no grandchildren, started in
+    rank order."""
+    import psutil
+
+    for process in psutil.Process(sweep_pid).children(recursive=True):
         try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
+            ranks = process.children()
+            if len(ranks) == 2 and not any(r.children() for r in ranks):
+                return sorted(ranks, key=lambda r: (r.create_time(), r.pid))[rank].pid
+        except psutil.Error:
             continue
-        if b"harness.distributed" in cmdline and any(marker.encode() in c for c in cmdline) \
-                and f"RANK={rank}".encode() in environ:
-            return int(proc.name)
     return None
 
 
@@ -93,7 +93,7 @@ def test_a_killed_rank_ends_its_job_the_sweep_goes_on_and_a_rerun_resumes(tmp_pa
     deadline, killed = time.time() + 120, None
     while killed is None and time.time() < deadline and first.poll() is None:
         logs = list((tmp_path / "sweep").glob("0_*/job.log"))
-        if logs and "step 2/40" in logs[0].read_text() and (pid := rank_pid(1, str(tmp_path))):
+        if logs and "step 2/40" in logs[0].read_text() and (pid := rank_pid(first.pid, 1)):
             os.kill(pid, signal.SIGSEGV)
             killed = pid
         time.sleep(0.1)
@@ -132,6 +132,14 @@ def test_an_unshardable_method_is_refused_before_launch(tmp_path):
         "error: method 'ia3' does not shard with FSDP (train.nproc_per_node=2); methods that do: dora, full, lora, "
         "qlora (a method config with `fsdp: true`)"]
     assert not list(tmp_path.rglob("result.json"))
+
+
+def test_jobs_of_several_ranks_are_refused_by_the_one_gpu_per_job_launcher(tmp_path):
+    run = run_cli(["-m", "hydra/launcher=local-gpus", "train.nproc_per_node=2", "device=cpu"], cwd=tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "error: train.nproc_per_node=2 with hydra/launcher=local-gpus: that launcher gives each job one GPU; "
+        "run jobs of several ranks with the default launcher (or slurm)"]
 
 
 def test_each_rank_takes_its_share_of_the_global_batch():

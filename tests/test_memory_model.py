@@ -284,8 +284,8 @@ UNFITTED = {  # name: (methods, overrides, tolerance); each SmolLM2 job costs ab
     # measured 2026-12-07 (Intel, AMX): loraplus 0.80 / 0.85, miss 0.80 / 0.82, ptuning 0.90 / 0.99, galore 0.79 / 0.83,
     # apollo 0.78 / 0.82, adapter 0.79 / 0.83, adapter-pfeiffer 0.78 / 0.85, lora-hqq4 0.80 / 0.88,
     # lora-hqq3 0.81 / 0.87, lora-hqq2 0.80 / 0.88. On AMD EPYC (AVX-512 BF16), 2026-12-07: 0.88-1.07 at
-    # batch 16, 0.90-1.09 at 48, with loftq (on a CPU since then) 0.88 / 0.90 (SmolLM2, batch 8: 0.94)
-    "new methods, batch 16": ("loraplus,miss,ptuning,galore,apollo,adapter,adapter-pfeiffer,lora-hqq4,lora-hqq3,lora-hqq2,loftq", ["model=tiny-13m", "model.init=random", "train.batch_size=16"], 0.25),
+    # batch 16, 0.90-1.09 at 48, with loftq (on a CPU since then) 0.88 / 0.90 (SmolLM2, batch 8: 0.94).
+    # CI holds them at batch 48 (both sizes: benchmarks/memory_model.py, its output committed)
     "new methods, batch 48": ("loraplus,miss,ptuning,galore,apollo,adapter,adapter-pfeiffer,lora-hqq4,lora-hqq3,lora-hqq2,llama-adapter,olora,loftq", ["model=tiny-13m", "model.init=random", "train.batch_size=48"], 0.25),
     # LLaMA-Adapter keeps a quarter of LoRA's activations: at batch 16 its tiny-13m peak (71 MiB,
     # 0.74 predicted) is mostly the fixed part the model leaves out, so its second size is 96;
@@ -306,7 +306,7 @@ UNFITTED = {  # name: (methods, overrides, tolerance); each SmolLM2 job costs ab
     # (rho 2) 0.62 at 16 and 48, 0.79 with the cache off; SmolLM2-135M (batch 8) 0.74, 0.88.
     # FSDP, two ranks on the CPU (gloo), each predicted as its own share (the tolerance of tiny-13m
     # at one rank): measured 2026-12-07 (AMD EPYC, AVX-512 BF16), predicted / measured per rank
-    # at batch 48: lora 0.83-0.87, full 0.80, qlora 0.83, dora 0.85 (one rank: 0.93, 0.99, 0.92, 0.93)
+    # at batch 48: lora 0.83-0.87, full 0.78-0.80, qlora 0.83, dora 0.85 (one rank: 0.93, 0.99, 0.92, 0.93)
     "two ranks": ("lora,full", ["model=tiny-13m", "model.init=random", "train.batch_size=48",
                                 "train.nproc_per_node=2"], 0.25),
     "eva with uniform ranks": ("eva", ["model=tiny-13m", "model.init=random", "train.batch_size=48",
