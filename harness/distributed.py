@@ -66,7 +66,6 @@ def agent(payload: dict, out_dir: str) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from harness.config import gpu_count
     from harness.job import UNWRITABLE_EXIT, die_with_parent, setup_logging
     from harness.results import RESULT_NAME
 
@@ -82,19 +81,22 @@ def agent(payload: dict, out_dir: str) -> None:
     payload_file = out / PAYLOAD_NAME
     payload_file.write_text(json.dumps(payload))
     logs = tempfile.mkdtemp(prefix="harness-torchrun-")  # torchrun's own files (the ranks log to the job's)
-    # On a CPU the ranks fork from this process, which has the job server's libraries imported
-    # (seconds saved per job); GPU ranks start fresh (spawn): CUDA cannot be used across a fork.
-    on_gpus = payload["config"]["device"] != "cpu" and gpu_count() > 0
+    # The ranks are processes of their own (`python -m harness.distributed`), as torchrun starts
+    # them: torchrun then reports every rank that has failed when it looks, so the first failure
+    # can be told from the others it causes. (Forked ranks, from this process with the libraries
+    # imported, would start seconds sooner, but torchrun reports one failed rank of those, in
+    # rank order: a killed rank 1 came back as rank 0's broken connection.)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
                           monitor_interval=0.1, logs_specs=DefaultLogsSpecs(log_dir=logs),
-                          start_method="spawn" if on_gpus else "fork", signals_to_handle="SIGTERM,SIGINT")
+                          signals_to_handle="SIGTERM,SIGINT")
     code, started = 0, time.time()
     try:
-        elastic_launch(config, rank_main)(str(payload_file), str(out))
+        elastic_launch(config, sys.executable)("-m", "harness.distributed", str(payload_file), str(out))
     except ChildFailedError as e:
-        # the first to fail (timestamps are in seconds: of two at once, one killed by a signal)
-        failed_rank, failure = min(e.failures.items(), key=lambda item: (item[1].timestamp, item[1].exitcode >= 0))
+        # the rank that failed first: one killed by a signal (the others then lose their
+        # connection to it and exit 1, in the same look or later), else the earliest
+        failed_rank, failure = min(e.failures.items(), key=lambda item: (item[1].exitcode >= 0, item[1].timestamp))
         if failure.exitcode in (2, UNWRITABLE_EXIT):  # a bad configuration, an unwritable disk: said already
             code = failure.exitcode
         else:
@@ -268,8 +270,9 @@ def per_rank_memory(readings: dict) -> dict:
 
 
 def rank_main(payload_file: str, out_dir: str) -> None:
-    """Body of a rank process, started by torchrun's elastic launch (RANK, LOCAL_RANK,
-    WORLD_SIZE and the rendezvous in its environment): the job, then exit 0 if it is ok."""
+    """Body of a rank process, `python -m harness.distributed PAYLOAD_FILE OUT_DIR`, started by
+    torchrun's elastic launch (RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous in its
+    environment): the job, then exit 0 if it is ok."""
     from harness.job import die_with_parent, raise_keyboard_interrupt, run_payload, setup_logging
 
     out_dir = Path(out_dir)
@@ -285,3 +288,7 @@ def rank_main(payload_file: str, out_dir: str) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     result = run_payload(payload, out_dir, say_config_error=r == 0)  # every rank finds the same mistake
     sys.exit(0 if result["status"] == "ok" else 1)
+
+
+if __name__ == "__main__":
+    rank_main(sys.argv[1], sys.argv[2])
