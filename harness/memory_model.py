@@ -198,8 +198,8 @@ def weight_bytes(shapes: dict, method: dict) -> dict:
     base_bytes = 4 if method["base_dtype"] == "float32" else 2
     layers, h, vocab = shapes["layers"], shapes["hidden"], shapes["vocab"]
     linear_weights = layers * sum(i * o for _, i, o, _ in shapes["linears"])
-    other = (layers * (sum(o for _, _, o, b in shapes["linears"] if b) + shapes["norm_params"])
-             + h + vocab * h * (1 if shapes["tied"] else 2))  # biases, norms, embeddings, lm_head
+    root_params = h + vocab * h * (1 if shapes["tied"] else 2)  # outside the layers: final norm, embeddings, lm_head
+    other = layers * (sum(o for _, _, o, b in shapes["linears"] if b) + shapes["norm_params"]) + root_params
     if quant.get("quant_method") == "hqq":
         base = hqq_weight_bytes(shapes, quant, base_bytes) + other * base_bytes  # kbit prep casts nothing
     elif quant.get("load_in_4bit"):
@@ -218,8 +218,7 @@ def weight_bytes(shapes: dict, method: dict) -> dict:
         base = linear_weights + rows * 4 + other * 4
     else:
         base = (linear_weights + other) * base_bytes
-    # the weights outside the decoder layers (embeddings, final norm, lm_head), as stored
-    root_params = h + vocab * h * (1 if shapes["tied"] else 2)
+    # the weights outside the decoder layers, as stored
     root_bytes = root_params * (4 if quant.get("load_in_4bit") or quant.get("load_in_8bit") else base_bytes)
     trainable, buffers = adapter_params(shapes, method.get("peft"), method["base_dtype"])
     if not method.get("peft"):

@@ -80,10 +80,8 @@ def plan(arch: dict, methods: list[dict], train: dict, gpus_gb) -> list[dict]:
         for gb in gpus_gb:
             budget = gb * 1024 - memory_model.CUDA_CONTEXT_MB
             row[f"fits_{gb:g}"] = p["peak_mb"] <= budget
-            per_card = {**kwargs, "batch_size": 0}  # batch b on each of the N cards: a global batch of b * N
-
-            def fits(b, method=method, budget=budget):
-                return memory_model.predict(arch, method, **{**per_card, "batch_size": b * nproc})["peak_mb"] <= budget
+            def fits(b, method=method, budget=budget):  # batch b on each of the N cards: a global batch of b * N
+                return memory_model.predict(arch, method, batch_size=b * nproc, **kwargs)["peak_mb"] <= budget
 
             row[f"max_batch_{gb:g}"] = memory_model.largest(fits)
         rows.append(row)

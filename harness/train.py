@@ -128,7 +128,7 @@ def train(
                 out = forward(**batch)
             probe()  # the activations are all held now
             if labelled:
-                (out.loss * weight * world_size).backward()
+                (out.loss * (weight * world_size)).backward()  # one scalar product, as with one process
             else:  # a rank's share without labels: no loss, but the same collectives as the others
                 (out.logits.sum() * 0.0).backward()
                 continue
