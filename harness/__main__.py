@@ -31,7 +31,7 @@ from harness.config import (CONF_DIR, check_group_choices, check_library_setting
                             resolved, validate, visible_gpu_count)
 from harness import progress
 from harness.errors import ConfigError, OutputUnwritable, unwritable
-from harness.callbacks import FAILED_IN_SWEEP, SWEEP
+from harness.callbacks import FAILED_IN_SWEEP, REPORT_FAILED, SWEEP
 from harness.launch import build_model, call_in_server, gpu_slot, launch_job
 from harness.models import is_built, what_is_built
 from harness.results import RESULT_NAME, config_hash, reusable
@@ -198,6 +198,7 @@ def main() -> None:
     cancel_on_sigterm()
     logging.raiseExceptions = False  # a full disk: no traceback per log line (the failed write says it)
     FAILED_IN_SWEEP.clear()
+    REPORT_FAILED.clear()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let a launcher's exception reach the handlers below
     try:
         run()
@@ -217,6 +218,9 @@ def main() -> None:
         lost_jobs(e)
     if FAILED_IN_SWEEP:
         log.error("%d job(s) ended in error or were cancelled: %s", len(FAILED_IN_SWEEP), ", ".join(FAILED_IN_SWEEP))
+    if REPORT_FAILED:
+        print(f"error: {REPORT_FAILED[0]}", file=sys.stderr)
+    if FAILED_IN_SWEEP or REPORT_FAILED:
         sys.exit(1)
 
 

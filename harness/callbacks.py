@@ -11,6 +11,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from harness import progress
+from harness.errors import one_line
+from harness.results import result_files
 from harness.progress import sweep_size
 
 log = logging.getLogger("harness")
@@ -26,13 +28,12 @@ def report_dir(config: DictConfig) -> Path:
 
 
 FAILED_IN_SWEEP: list[str] = []  # results of the sweep that ended in error or cancelled
+REPORT_FAILED: list[str] = []  # why the report at the end of the sweep could not be rendered
 
 
 def failed_results(sweep_dir: Path) -> list[str]:
     """The result files under `sweep_dir` whose job ended in error or was cancelled. After a
     sweep they are all from this run (a rerun reruns such jobs), whatever the launcher."""
-    from harness.report.aggregate import result_files
-
     failed = []
     for path in result_files(sweep_dir):
         try:
@@ -55,18 +56,20 @@ class ReportOnMultirunEnd(Callback):
         progress.start(Path(config.hydra.sweep.dir), n_jobs)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        FAILED_IN_SWEEP[:] = failed_results(Path(config.hydra.sweep.dir))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        FAILED_IN_SWEEP[:] = failed_results(sweep_dir)
+        REPORT_FAILED.clear()
         if not config.report.enabled:
             return
-        from harness.report import build_report
+        try:  # Hydra turns an exception of a callback into a warning: catch everything here
+            from harness.report import build_report
 
-        try:
-            index = build_report([Path(config.hydra.sweep.dir)], report_dir(config),
-                                 baseline=config.report.get("baseline", "qlora"))
-            log.info("report: %s", index)
+            index = build_report([sweep_dir], report_dir(config), baseline=config.report.baseline)
         except Exception as e:  # the results are safe on disk; the report can be rebuilt later
-            log.error("could not render the report (%s); rebuild it with: python -m harness.report %s",
-                      e, config.hydra.sweep.dir)
+            REPORT_FAILED.append(f"the report could not be rendered ({type(e).__name__}: {one_line(e)}); the "
+                                 f"results are in {sweep_dir}; rebuild it with: python -m harness.report {sweep_dir}")
+            return
+        log.info("report: %s", index)
 
 
 class ReleaseJobConfigs(Callback):

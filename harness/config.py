@@ -11,6 +11,7 @@ from numbers import Real
 from pathlib import Path
 
 from harness import schema  # registers the config schema with Hydra
+from harness.callbacks import report_dir
 from harness.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -195,6 +196,8 @@ def compose_jobs(argv: list[str]) -> list[dict]:
             base = composed(first_values(overrides).values())
         key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
         check_writable(Path(base.hydra.sweep.dir if args.multirun else base.hydra.run.dir), f"{key}=...")
+        if args.multirun and base.report.enabled:  # the report is written when the sweep ends
+            check_writable(report_dir(base), "report.out=DIR (or report.enabled=false)")
 
         def job(cfg) -> dict:
             return resolved(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))

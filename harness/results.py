@@ -124,6 +124,11 @@ def _write_atomic(path: Path, write) -> None:
         raise
 
 
+def result_files(folder: Path) -> list[Path]:
+    """Every `result.json` under `folder` (temporary `.result.json.*.tmp` files do not match)."""
+    return sorted(p for p in Path(folder).rglob(RESULT_NAME) if p.is_file())
+
+
 def validate(result: dict) -> None:
     """Raise jsonschema.ValidationError if `result` does not follow the schema."""
     import jsonschema

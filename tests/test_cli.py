@@ -97,6 +97,28 @@ def test_sweep_runs_each_job_in_its_own_process_and_ends_with_a_report(tmp_path)
     assert all("elapsed, ~" in line and line.endswith(" left") for line in said[:3]) and said[3].endswith("done")
 
 
+def test_a_sweep_whose_report_cannot_be_rendered_says_so_and_exits_1(tmp_path, monkeypatch):
+    """As in a fresh environment without scipy (the report's statistics import it): the jobs
+    run and keep their results, the sweep ends with one line saying why there is no report and
+    where the results are, and exits 1 (Hydra alone turns a callback's exception into a warning
+    and exits 0)."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "harness.report" or m.startswith("harness.report.")]:
+        monkeypatch.delitem(sys.modules, name)  # imported afresh, as by a new process
+    monkeypatch.setitem(sys.modules, "scipy", None)  # `import scipy` fails as if it were not installed
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "method=lora", "seed=0", *FAST, "train.max_steps=4", "eval.before=false",
+                    f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    (result,) = results_under(sweep)
+    assert result["status"] == "ok"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: the report could not be rendered (ModuleNotFoundError: import of scipy halted; None "
+                      f"in sys.modules); the results are in {sweep}; rebuild it with: python -m harness.report {sweep}"]
+    assert not (sweep / "report").exists() and not list(sweep.glob(".report.rendering-*"))
+
+
 def test_sweep_progress_counts_skipped_jobs_and_estimates_from_those_that_ran(tmp_path):
     from harness import progress
 

@@ -372,6 +372,55 @@ def test_cli_baseline_option(sweep, tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
+def test_cli_without_the_default_baseline_renders_as_the_sweep_does(tmp_path):
+    """A sweep without QLoRA (`-m method=lora,prompt`) ends with a report whose verdicts say "no
+    QLoRA baseline"; the report's command line on the same folder renders that report too, with
+    one warning line, and refuses only a baseline the user named."""
+    folder = tmp_path / "sweep"
+    for i, method in enumerate(["lora", "prompt"]):
+        (folder / str(i)).mkdir(parents=True)
+        (folder / str(i) / "result.json").write_text(json.dumps(fake_result("small", method, 0)))
+    proc = report_cli([folder, "--out", tmp_path / "cli"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "warning: no qlora job here, so the verdicts say there is no baseline; compare with one of the methods here "
+        "with --baseline METHOD (lora, prompt)"]
+    assert set(pd.read_csv(tmp_path / "cli" / "verdicts.csv")["verdict"]) == {"no QLoRA baseline"}
+    as_the_sweep = build_report([folder], tmp_path / "sweep-report", baseline="qlora")  # what the callback calls
+    assert (tmp_path / "cli" / "index.html").read_text() == as_the_sweep.read_text()
+    proc = report_cli([folder, "--baseline", "qlora", "--out", tmp_path / "named"], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "error: --baseline 'qlora': no job of that method here (methods: lora, prompt)"]
+    assert not (tmp_path / "named").exists()
+
+
+def test_a_report_that_fails_halfway_leaves_its_folder_as_it_was(sweep, tmp_path, monkeypatch):
+    """The report is written into a fresh folder and moved in when every file is written: a
+    failure after the CSVs (here: saving the first figure) changes nothing in the report folder,
+    and leaves no partial folder beside it; files a render does not write (jobs/) stay."""
+    from harness.report import figures
+
+    out = tmp_path / "reports" / "mine"
+    (out / "jobs").mkdir(parents=True)
+    (out / "jobs" / "kept.json").write_text("{}")
+    (out / "results.csv").write_text("the old report\n")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def fail(fig, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(figures, "save", fail)
+    with pytest.raises(OSError, match="No space left"):
+        build_report([sweep], out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in out.parent.iterdir()] == ["mine"]
+    monkeypatch.undo()
+    index = build_report([sweep], out)
+    assert index == out / "index.html" and (out / "forest.png").is_file()
+    assert (out / "jobs" / "kept.json").read_text() == "{}" and (out / "results.csv").read_text() != "the old report\n"
+    assert [p.name for p in out.parent.iterdir()] == ["mine"]
+
+
 def test_every_figure_keeps_its_labels_and_titles_inside_the_image(sweep):
     """No axis label, tick label, title or legend of any figure is cut off at the image's edge
     (a y-axis label once was): everything drawn lies inside the figure."""

@@ -300,6 +300,9 @@ BAD_INPUT = [
     (H, lambda t: ["hydra.run.dir=/proc/harness-out"], "output folder /proc/harness-out cannot be created"),
     (H, lambda t: ["-m", "hydra.sweep.dir=/proc/harness-sweep", "seed=0,1"],
      "output folder /proc/harness-sweep cannot be created"),
+    (H, lambda t: ["-m", "report.out=/proc/harness-report", "seed=0,1"],  # a sweep's report: before its first job
+     "output folder /proc/harness-report cannot be created (/proc is not a writable folder); choose another with "
+     "report.out=DIR (or report.enabled=false)"),
     (R, lambda t: [str(t / "nowhere")], "no such folder"),
     (R, lambda t: [str(t)], "no result.json under"),
     (R, lambda t: [str(result_folder(t, '{"schema_version": 2, "sta'))], "no readable result.json under"),

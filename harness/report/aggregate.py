@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.results import result_files
+
 log = logging.getLogger("harness.report")
 
 KEYS = ["model", "method", "task", "seed", "status", "error", "job_dir"]
@@ -26,11 +28,6 @@ WHOLE = ["metrics.adalora_final_ranks", "metrics.eva_rank_pattern"]
 
 READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)  # 2 added config_hash and status "cancelled"; 3 predicted memory; 4 forgetting;
 # 5 CPU peak memory as malloc in use; 6 per-example outcomes; 7 peak memory of the training phase
-
-
-def result_files(folder: Path) -> list[Path]:
-    """Every `result.json` under `folder` (temporary `.result.json.*.tmp` files do not match)."""
-    return sorted(p for p in Path(folder).rglob("result.json") if p.is_file())
 
 
 def _read(path: Path) -> dict | None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -355,19 +359,45 @@ def build_report(sweep_dirs: list[Path], out_dir: Path, title: str | None = None
     df = collect([Path(d) for d in sweep_dirs])
     if df.empty:
         raise ValueError(f"no result.json under {', '.join(map(str, sweep_dirs))}")
-    title = title or default_title(df, sweep_dirs)
-    tasks = sorted(df["task"].dropna().unique())
-    if len(tasks) <= 1:
-        return render_report(df, out_dir, title, baseline)
-    # Scores of different tasks are never pooled: one report per task, and a page linking them.
+    return render_sweep(df, out_dir, title or default_title(df, sweep_dirs), baseline)
+
+
+def render_sweep(df: pd.DataFrame, out_dir: Path, title: str, baseline: str = BASELINE) -> Path:
+    """The report of the collected results `df`: one report, or with several tasks one per task
+    (scores of different tasks are never pooled) and a page linking them. Rendered into a fresh
+    folder beside `out_dir` and moved in only once every file is written, so a report that fails
+    halfway leaves `out_dir` as it was."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for task in tasks:
-        render_report(df[df["task"] == task], out_dir / task, f"{title}: task {task}", baseline)
-    write_csv(df, out_dir / "results.csv")
-    env = Environment(loader=FileSystemLoader(Path(__file__).parent), autoescape=True, keep_trailing_newline=True)
-    index = out_dir / "index.html"
-    index.write_text(env.get_template("tasks.html.j2").render(
-        title=title, tasks=[(t, int((df["task"] == t).sum())) for t in tasks], runs=Markup(run_table(df)),
-        provenance=provenance(df)))
-    return index
+    with staged(out_dir) as stage:
+        tasks = sorted(df["task"].dropna().unique())
+        if len(tasks) <= 1:
+            render_report(df, stage, title, baseline)
+        else:
+            for task in tasks:
+                render_report(df[df["task"] == task], stage / task, f"{title}: task {task}", baseline)
+            write_csv(df, stage / "results.csv")
+            env = Environment(loader=FileSystemLoader(Path(__file__).parent), autoescape=True,
+                              keep_trailing_newline=True)
+            (stage / "index.html").write_text(env.get_template("tasks.html.j2").render(
+                title=title, tasks=[(t, int((df["task"] == t).sum())) for t in tasks], runs=Markup(run_table(df)),
+                provenance=provenance(df)))
+    return out_dir / "index.html"
+
+
+@contextlib.contextmanager
+def staged(out_dir: Path):
+    """A fresh folder beside `out_dir` to write into; when the block ends without an error, each
+    file written moves into `out_dir` (same file system: a rename), replacing the file of that
+    name; files of `out_dir` not written again (a committed report's jobs/) stay. On an error
+    the fresh folder is removed and `out_dir` is untouched."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.rendering-"))
+    try:
+        yield stage
+        for path in sorted(stage.rglob("*")):
+            if path.is_file():
+                target = out_dir / path.relative_to(stage)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
