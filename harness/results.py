@@ -38,7 +38,8 @@ METRIC_KEYS = (
     "predicted_peak_memory_mb",
 )
 PACKAGES = ("harness", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets",
-            "evaluate", "tokenizers", "hydra-core", "omegaconf", "numpy", "nvidia-ml-py")
+            "evaluate", "tokenizers", "safetensors", "hydra-core", "omegaconf", "numpy", "nvidia-ml-py",
+            "hqq", "galore-torch", "apollo-torch")  # the last three: the methods that use them
 
 
 def now() -> str:

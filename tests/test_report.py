@@ -4,6 +4,7 @@ fabricated result files (no training), and the command line."""
 import json
 import logging
 import math
+import re
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -392,6 +393,21 @@ def test_cli_without_the_default_baseline_renders_as_the_sweep_does(tmp_path):
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
         "error: --baseline 'qlora': no job of that method here (methods: lora, prompt)"]
     assert not (tmp_path / "named").exists()
+
+
+def test_the_page_shows_each_package_version_once_and_which_jobs_ran_with_which(tmp_path):
+    import scipy
+
+    folder = tmp_path / "sweep"
+    for i, (method, peft) in enumerate([("qlora", "0.21.2"), ("lora", "0.21.2"), ("full", "0.22.0")]):
+        result = fake_result("small", method, 0)
+        result["env"]["packages"]["peft"] = peft
+        (folder / str(i)).mkdir(parents=True)
+        (folder / str(i) / "result.json").write_text(json.dumps(result))
+    html = build_report([folder], tmp_path / "out").read_text()
+    provenance = dict(re.findall(r"<dt>(.*?)</dt><dd>(.*?)</dd>", html))
+    assert provenance["torch"] == "2.13.0" and provenance["peft"] == "0.21.2 (2 jobs), 0.22.0 (1 job)"
+    assert provenance["report rendered with"].startswith(f"scipy {scipy.__version__}, numpy ")
 
 
 def test_a_report_that_fails_halfway_leaves_its_folder_as_it_was(sweep, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
@@ -190,8 +191,27 @@ def provenance(df: pd.DataFrame) -> list[tuple[str, str]]:
              ("jobs ran", f"{_first(df, 'env.start_time', min)} to {_first(df, 'env.end_time', max)}"),
              ("commands", _unique(df, "env.command"))]
     packages = sorted(c for c in df.columns if c.startswith("env.packages."))
-    items += [(c.removeprefix("env.packages."), _unique(df, c)) for c in packages]
+    items += [(c.removeprefix("env.packages."), _versions(df[c])) for c in packages]
+    items.append(("report rendered with", ", ".join(f"{name} {_installed(name)}" for name in REPORT_PACKAGES)))
     return items
+
+
+REPORT_PACKAGES = ("scipy", "numpy", "pandas", "matplotlib", "jinja2")  # what computes and draws the report
+
+
+def _versions(column: pd.Series) -> str:
+    """A package's version over the jobs: one value, or each value with its number of jobs."""
+    counts = column.dropna().astype(str).value_counts().sort_index()
+    if len(counts) <= 1:
+        return counts.index[0] if len(counts) else "unknown"
+    return ", ".join(f"{version} ({n} job{'s' if n != 1 else ''})" for version, n in counts.items())
+
+
+def _installed(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _first(df: pd.DataFrame, column: str, pick) -> str:
