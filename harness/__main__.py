@@ -142,10 +142,12 @@ def run(cfg: DictConfig) -> str:
         # Build (and pretrain) a tiny or random-weight model once into the cache before the
         # job starts, so that no job's measured memory or time includes building it.
         log.info(what_is_built(config["model"]))
+        started = time.time()
         try:
             build_model(config["model"])
         except ConfigError as e:
             refuse(str(e), out_dir)
+        progress.model_built(sweep_dir, time.time() - started)  # not a job's time: left out of the estimate
     command = shlex.join(["python", "-m", "harness", *sys.argv[1:]])
     overrides = list(hydra_cfg.overrides.task)
     payload = {"config": config, "command": command, "overrides": overrides, "launched_at": time.time(),

@@ -2,7 +2,7 @@
 failed so far; diverged and skipped when there are any), the time since it started and an estimate of the time left.
 
 The counts live in a small file in the sweep folder (`.progress.jsonl`: a first line with the
-sweep's size and start, then one line per job that ended), so that they add up whichever
+sweep's size and start, then one line per job that ended or model built before a job), so that they add up whichever
 process runs the job: the launching process itself, a joblib worker of
 `hydra/launcher=local-gpus`, or a SLURM task writing to the shared sweep folder. A rerun of the
 sweep starts the file again; the jobs it skips (already complete) count as done at once, and
@@ -51,11 +51,22 @@ def job_done(sweep_dir: Path, status: str, skipped: bool = False) -> str | None:
     return line(path.read_text().splitlines())
 
 
+def model_built(sweep_dir: Path | None, seconds: float) -> None:
+    """A model was built (a tiny model pretrained) before a job, once per sweep: its time is
+    not a job's, so the estimate of the time left leaves it out."""
+    path = None if sweep_dir is None else sweep_dir / PROGRESS_NAME
+    if path is not None and path.is_file():
+        with open(path, "a") as f:
+            f.write(json.dumps({"build_s": seconds}) + "\n")
+
+
 def line(lines: list[str]) -> str:
-    """The progress line from the file's lines (its head, then one per job ended)."""
+    """The progress line from the file's lines (its head, then one per job ended or model built)."""
     from harness.train import clock
 
-    head, jobs = json.loads(lines[0]), [json.loads(x) for x in lines[1:] if x.strip()]
+    head, rows = json.loads(lines[0]), [json.loads(x) for x in lines[1:] if x.strip()]
+    jobs = [row for row in rows if "status" in row]
+    building = sum(row["build_s"] for row in rows if "build_s" in row)
     n_jobs, done = head["n_jobs"], len(jobs)
     counts = {"ok": 0, "oom": 0, "diverged": 0, "failed": 0, "skipped": 0}
     for job in jobs:
@@ -66,7 +77,7 @@ def line(lines: list[str]) -> str:
     if done >= n_jobs:
         left = "done"
     elif ran:
-        left = f"~{clock(elapsed / ran * (n_jobs - done))} left"
+        left = f"~{clock(max(0.0, elapsed - building) / ran * (n_jobs - done))} left"
     else:
         left = "time left not known yet"
     shown = ", ".join(f"{k} {v}" for k, v in counts.items() if v or k in ("ok", "oom", "failed"))

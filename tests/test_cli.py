@@ -137,6 +137,22 @@ def test_sweep_progress_counts_skipped_jobs_and_estimates_from_those_that_ran(tm
     assert progress.job_done(tmp_path / "no-sweep", "ok") is None  # a single job: no line
 
 
+def test_the_time_left_leaves_out_the_time_spent_building_models(tmp_path):
+    """A tiny model is pretrained once, before its first job: that time is no job's, and a sweep's
+    estimate once counted it in every job (~8m53s left said after 2 of 28 jobs; 2m19s were left)."""
+    from harness import progress
+
+    progress.start(tmp_path, 4)
+    head = json.loads((tmp_path / progress.PROGRESS_NAME).read_text())
+    head["started"] -= 100  # the sweep began 100 s ago
+    (tmp_path / progress.PROGRESS_NAME).write_text(json.dumps(head) + "\n")
+    progress.model_built(tmp_path, 60.0)  # 60 of the 100 s built a model
+    progress.model_built(None, 60.0)  # a single job (no sweep folder): nothing to count
+    progress.job_done(tmp_path, "ok")
+    line = progress.job_done(tmp_path, "ok")  # two jobs ran in 40 s: two more take ~40 s
+    assert line == "sweep: 2/4 jobs done (ok 2, oom 0, failed 0) | 1m40s elapsed, ~40s left", line
+
+
 def test_help_lists_groups_and_options(tmp_path):
     proc = cli(["--help"], cwd=tmp_path)
     assert proc.returncode == 0

@@ -585,3 +585,25 @@ def test_mfu_only_for_known_devices(name, peak):
     assert u["peak_bf16_tflops"] == peak
     assert u["train_tflops"] == pytest.approx(1.0)
     assert u["mfu"] == (pytest.approx(1.0 / peak) if peak else None)
+
+
+def test_adapter_bytes_of_a_model_with_a_rank_pruned_to_zero_says_nothing_of_fsdp(model_cache):
+    """AdaLoRA prunes some modules to rank 0; PEFT's save then warns that FSDP shards were not
+    gathered (there are none): the harness keeps that misleading line out of the job's log."""
+    import warnings
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from harness.job import adapter_bytes
+    from harness.models import load_model, resolve_model_source
+
+    source = resolve_model_source(compose()["model"])
+    model = get_peft_model(load_model(source, None, dtype=torch.float32, quantization=None,
+                                      device=torch.device("cpu")), LoraConfig(r=4, target_modules=["q_proj"]))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.lora_A["default"].weight = torch.nn.Parameter(torch.zeros(0, layer.in_features))
+    layer.lora_B["default"].weight = torch.nn.Parameter(torch.zeros(layer.out_features, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert adapter_bytes(model) > 0
