@@ -5,9 +5,10 @@ its own, also inside a multirun; that process writes `result.json` into the job'
 output folder. If it dies without writing one (killed, crashed), this process writes the
 result for it.
 
-Job processes are forked from a multiprocessing "forkserver" that has imported torch,
-transformers, PEFT and the rest once, so a sweep does not pay seconds of imports per job; the
-server itself never touches a model or a GPU.
+On a host without GPUs, job processes are forked from a multiprocessing "forkserver" that has
+imported torch, transformers, PEFT and the rest once, so a sweep does not pay seconds of imports
+per job; on a host with GPUs they are spawned, since no forked process can use CUDA once those
+imports have touched it (harness/launch.py).
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import (CONF_DIR, check_group_choices, check_library_settings, compose_jobs, gpu_count,
-                            resolved, validate, visible_gpu_count)
+from harness.config import (CONF_DIR, check_group_choices, check_library_settings, compose_jobs, host_gpus,
+                            resolved, validate)
 from harness import progress
 from harness.errors import ConfigError, OutputUnwritable, unwritable
 from harness.callbacks import FAILED_IN_SWEEP, REPORT_FAILED, SWEEP
-from harness.launch import build_model, call_in_server, gpu_slot, launch_job
+from harness.launch import build_model, call_in_server, gpu_slot, launch_job, slot_count
 from harness.models import is_built, what_is_built
 from harness.results import RESULT_NAME, config_hash, reusable
 
@@ -154,12 +155,11 @@ def run(cfg: DictConfig) -> str:
                "env": {k: str(v) for k, v in (hydra_cfg.job.env_set or {}).items()}}  # the server predates them
     launcher = str(hydra_cfg.launcher.get("_target_", ""))
     if launcher.endswith("JoblibLauncher"):  # hydra/launcher=local-gpus: one GPU per running job
-        slots = int(hydra_cfg.launcher.n_jobs)
-        if slots < 1:  # joblib's -1 (all CPUs) means nothing for GPUs
-            slots = visible_gpu_count()
-        with gpu_slot(Path(hydra_cfg.sweep.dir) / ".gpu-slots", slots) as (slot, visible):
+        gpus = [] if config["device"] == "cpu" else host_gpus()
+        slots = slot_count(int(hydra_cfg.launcher.n_jobs), gpus)
+        with gpu_slot(Path(hydra_cfg.sweep.dir) / ".gpu-slots", slots, gpus) as (slot, visible):
             payload["env"].update(HARNESS_GPU_SLOT=str(slot), CUDA_VISIBLE_DEVICES=visible)
-            if config["device"] == "cpu" or (config["device"] == "auto" and gpu_count() == 0):
+            if not gpus:
                 # CPU jobs side by side: share the cores instead of each taking all of them
                 payload["env"]["HARNESS_CPU_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // slots))
             log.info("%s: GPU slot %d of %d (CUDA_VISIBLE_DEVICES=%s)", out_dir.name, slot, slots, visible)

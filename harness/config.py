@@ -20,19 +20,30 @@ TASK_KEYS = ("name", "builder", "scoring", "metric", "max_new_tokens")  # every 
 DTYPES = ("bfloat16", "float16", "float32")
 
 
-def gpu_count() -> int:
-    """GPUs this process may use (CUDA_VISIBLE_DEVICES respected), from NVML without importing
-    torch; 0 without any."""
+def host_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them: its entries when it is
+    set (up to the first invalid one, as CUDA reads it: "" and "-1" are none), else NVML's
+    indices, found without importing torch; [] without any."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return len([v for v in visible.split(",") if v.strip() and v.strip() != "-1"])
+        gpus = []
+        for entry in (v.strip() for v in visible.split(",")):
+            if not entry or entry.startswith("-"):
+                break
+            gpus.append(entry)
+        return gpus
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetCount()
+        return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
     except Exception:  # no NVIDIA driver
-        return 0
+        return []
+
+
+def gpu_count() -> int:
+    """The number of host_gpus()."""
+    return len(host_gpus())
 
 
 def visible_gpu_count() -> int:

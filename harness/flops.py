@@ -24,24 +24,38 @@ in the table get no MFU (never a guess).
 
 from __future__ import annotations
 
-# Dense bf16 tensor-core peaks (datasheets), in TFLOP/s. Order matters: first match wins.
+# Dense bf16 tensor-core peaks (NVIDIA datasheets, without sparsity), in TFLOP/s, and the SMs of
+# the whole GPU (to scale a MIG slice's peak by its share of them). Each pattern matches whole
+# words of the name torch reports ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA L40S",
+# "NVIDIA H100 80GB HBM3 MIG 1g.10gb"), so L40 is not L4 and RTX A1000 is not A100. Order
+# matters: first match wins.
 PEAK_BF16_TFLOPS = [
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.4),   # SXM
-    ("H200", 989.4),
-    ("GH200", 989.4),
-    ("A100", 312.0),
-    ("L40S", 362.1),
-    ("RTX 4090", 165.2),
-    ("A10G", 70.0),
-    ("L4", 121.0),
+    (r"\bH100\b.*\bPCIe\b", 756.0, 114),
+    (r"\bH100\b.*\bNVL\b", 835.0, 132),
+    (r"\bGH200\b", 989.4, 132),
+    (r"\bH100\b", 989.4, 132),           # SXM
+    (r"\bH200\b.*\bNVL\b", 835.0, 132),   # H200 NVL: 1,671 with sparsity
+    (r"\bH200\b", 989.4, 132),           # SXM
+    (r"\bA100\b", 312.0, 108),
+    (r"\bL40S\b", 362.1, 142),
+    (r"\bL40\b", 181.0, 142),
+    (r"\bL4\b", 121.0, 58),
+    (r"\bRTX 4090\b", 165.2, 128),       # with fp32 accumulation (GeForce)
+    (r"\bA10G\b", 70.0, 80),
+    (r"\bA10\b", 125.0, 72),
 ]
 
 
-def peak_tflops(device_name: str | None) -> float | None:
-    for key, peak in PEAK_BF16_TFLOPS:
-        if device_name and key in device_name:
+def peak_tflops(device_name: str | None, multiprocessors: int | None = None) -> float | None:
+    """The device's dense bf16 peak, None for a device not in the table (never a guess). A MIG
+    slice (its name says "MIG") gets the whole GPU's peak times its share of the SMs, and None
+    if its SM count is not known."""
+    import re
+
+    for pattern, peak, sms in PEAK_BF16_TFLOPS:
+        if device_name and re.search(pattern, device_name):
+            if re.search(r"\bMIG\b", device_name):
+                return peak * min(multiprocessors, sms) / sms if multiprocessors else None
             return peak
     return None
 
@@ -130,9 +144,10 @@ def projection_step_flops(weights, optimizer: dict) -> float:
     return total
 
 
-def utilization(flops_per_token: float, tokens_per_s: float | None, device_name: str | None) -> dict:
+def utilization(flops_per_token: float, tokens_per_s: float | None, device_name: str | None,
+                multiprocessors: int | None = None) -> dict:
     achieved = flops_per_token * tokens_per_s / 1e12 if tokens_per_s else None
-    peak = peak_tflops(device_name)
+    peak = peak_tflops(device_name, multiprocessors)
     return {
         "flops_per_token": flops_per_token,
         "train_tflops": achieved,

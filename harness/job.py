@@ -32,7 +32,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.errors import ConfigError, unwritable
+from harness.errors import ConfigError, one_line, unwritable
 from harness.results import (OUTCOMES_NAME, RESULT_NAME, environment, new_result, now, write_json_atomic,
                              write_jsonl_atomic)
 
@@ -41,13 +41,25 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
 def pick_device(name: str):
+    """The torch device `device=` names, made this process's current CUDA device (so that
+    libraries that use "the current device" use it). A CUDA ordinal this process cannot see is
+    a ConfigError naming the devices it can."""
     import torch
 
     if name == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        name = "cuda:0" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ConfigError(f"device={name!r}, but no CUDA device is available (allowed: auto, cpu)")
+    count = torch.cuda.device_count()
+    if (device.index or 0) >= count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ConfigError(f"device={name!r}: this process sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+                          + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""))
+    device = torch.device("cuda", device.index or 0)
+    torch.cuda.set_device(device)
     return device
 
 
@@ -77,8 +89,8 @@ def has_native_bf16(device) -> bool:
     float32)."""
     import torch
 
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # Ampere (8.0) and later; older GPUs emulate it (is_bf16_supported() says True)
+        return bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= (8, 0)
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     checks = [check for check in checks if check is not None]
     return not checks or any(check() for check in checks)  # a torch without the checks: assume it has
@@ -181,8 +193,10 @@ def training_flops(model, model_config, method: dict, examples: list[dict], devi
         per_token += flops.adaption_prompt_flops(model_config, peft["adapter_len"], adapted, seq_len)
     if method["optimizer"]["name"] in PROJECTION_KEYS:  # GaLore's and APOLLO's projections, per token
         per_token += flops.projection_step_flops(projected_weights(model), method["optimizer"]) / tokens_per_step
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return flops.utilization(per_token, tokens_per_s, name)
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        return flops.utilization(per_token, tokens_per_s, properties.name, properties.multi_processor_count)
+    return flops.utilization(per_token, tokens_per_s, None)
 
 
 def sized_for_budget(model_config, method: dict, budget_name: str, tcfg: dict, longest: int, device,
@@ -362,11 +376,11 @@ def with_method(model, setup: Setup, config: dict, device, sampler, metrics: dic
     from harness import measure
     from harness.data import one_epoch
     from harness.methods import apply_method
+    from harness.models import checkpoint_files
 
-    weights = Path(setup.source) / "model.safetensors"
+    weights = checkpoint_files(setup.source, config["model"]["revision"]) if setup.method.get("loftq_init") else []
     model = apply_method(model, setup.method, max_steps=setup.tcfg["max_steps"],
-                         gradient_checkpointing=setup.tcfg["gradient_checkpointing"],
-                         weights_file=str(weights) if weights.is_file() else None,
+                         gradient_checkpointing=setup.tcfg["gradient_checkpointing"], weights_files=weights,
                          init_batches=lambda: one_epoch(setup.examples, setup.tcfg["batch_size"], config["seed"],
                                                         setup.tokenizer.pad_token_id, device))
     sampler.note_model(model)
@@ -502,33 +516,23 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
     """Run one job and write `out_dir/result.json`; returns the result. Raises ConfigError
     (and writes nothing) when the configuration cannot run."""
     started = launched_at or time.time()
-    import torch
-
-    from harness import distributed
-    from harness.measure import MemorySampler
     from harness.train import Diverged
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     import_libraries()  # before the memory baseline, so library code is not counted as the job's
-    world = distributed.world_size()
-    device = distributed.init(config["device"]) if world > 1 else pick_device(config["device"])
-    if device.type == "cpu" and os.environ.get("HARNESS_CPU_THREADS"):  # set by the local-gpus launcher
-        torch.set_num_threads(int(os.environ["HARNESS_CPU_THREADS"]))
-    determinism = seed_everything(config["seed"], config["deterministic"])
     result = new_result(config)
-    result["env"] = environment(device, command, list(overrides), determinism)
-    result["env"]["bf16_native"] = has_native_bf16(device)
-    if world > 1:
-        result["env"]["launch"].update(distributed.launch_facts(device))
-    if device.type == "cpu":
-        from harness.measure import release_freed_cpu_memory
-
-        result["env"]["malloc_mmap_threshold"] = release_freed_cpu_memory(
-            config["measure"].get("cpu_mmap_threshold_kb"))
+    result["env"] = environment(None, command, list(overrides), {})  # the device's facts once it answers
     metrics = result["metrics"]
-    sampler = MemorySampler(device, config["measure"]["sample_interval_s"], config.get("memory_limit_mb")).start()
     outcomes: list[dict] = []
+    try:  # the device's first calls: a CUDA error there is the job's result too, not a crash
+        device, sampler = start_on_device(config, result, command, list(overrides))
+    except ConfigError:
+        raise
+    except Exception as e:
+        log.error("the device failed before the job started:\n%s", traceback.format_exc())
+        result.update(status="oom" if is_out_of_memory(e) else "error", error=f"{type(e).__name__}: {one_line(e)}")
+        return finish(result, out_dir, outcomes, started)
     try:
         train_and_score(config, device, metrics, sampler, started, outcomes)
         result["status"] = "ok"
@@ -542,8 +546,7 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
         result.update(status="diverged", error=str(e))
         metrics.update(diverged_step=e.step, train_losses=e.losses)
     except Exception as e:
-        if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or sampler.exceeded_mb is not None:
-            # Out of memory; libraries may wrap the error (transformers does while loading).
+        if is_out_of_memory(e) or sampler.exceeded_mb is not None:
             message = (f"memory limit exceeded: {sampler.exceeded_mb:,.0f} MiB in use, over memory_limit_mb="
                        f"{sampler.limit_mb:g}" if sampler.exceeded_mb is not None else f"{type(e).__name__}: {e}")
             if metrics.get("predicted_peak_memory_mb"):
@@ -556,7 +559,62 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
         for key, value in sampler.stop().items():  # on failure, the peak so far; after training, kept as
             if metrics.get(key) is None:             # training recorded it (across ranks: the highest rank's)
                 metrics[key] = value
-    metrics["wall_total_s"] = time.time() - started
+    return finish(result, out_dir, outcomes, started)
+
+
+def start_on_device(config: dict, result: dict, command: str, overrides: list[str]):
+    """The job's device (this rank's, across ranks), seeded, its facts in `result["env"]`, and
+    the memory sampler started on it: everything before training that asks the device."""
+    import torch
+
+    from harness import distributed
+    from harness.measure import MemorySampler, release_freed_cpu_memory
+
+    world = distributed.world_size()
+    device = distributed.init(config["device"]) if world > 1 else pick_device(config["device"])
+    if device.type == "cpu" and os.environ.get("HARNESS_CPU_THREADS"):  # set by the local-gpus launcher
+        torch.set_num_threads(int(os.environ["HARNESS_CPU_THREADS"]))
+    determinism = seed_everything(config["seed"], config["deterministic"])
+    result["env"] = environment(device, command, overrides, determinism)
+    result["env"]["bf16_native"] = has_native_bf16(device)
+    if world > 1:
+        result["env"]["launch"].update(distributed.launch_facts(device))
+    if device.type == "cpu":
+        result["env"]["malloc_mmap_threshold"] = release_freed_cpu_memory(
+            config["measure"].get("cpu_mmap_threshold_kb"))
+    sampler = MemorySampler(device, config["measure"]["sample_interval_s"], config.get("memory_limit_mb")).start()
+    return device, sampler
+
+
+# What running out of memory says when it does not come as torch.OutOfMemoryError: a cuBLAS or
+# cuDNN workspace that cannot be allocated (RuntimeError), an asynchronous CUDA error
+# (torch.AcceleratorError, a RuntimeError), NCCL's buffers ("Cuda failure 'out of memory'"),
+# torch's CPU allocator.
+OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                "cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY", "can't allocate memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from (libraries wrap it: transformers while
+    loading, accelerate), is running out of memory."""
+    import torch
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+            return True
+        if isinstance(error, RuntimeError) and any(m.lower() in str(error).lower() for m in OOM_MESSAGES):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def finish(result: dict, out_dir: Path, outcomes: list, started: float) -> dict:
+    """Complete the job's result and write it (rank 0; another rank writes how it ended)."""
+    from harness import distributed
+
+    result["metrics"]["wall_total_s"] = time.time() - started
     result["env"]["end_time"] = now()
     if distributed.rank() != 0:  # rank 0 writes the job's result; another says how it ended if not ok
         if result["status"] != "ok":

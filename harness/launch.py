@@ -1,9 +1,15 @@
 """Starting job processes: each job runs in a fresh process of its own.
 
-Job processes are forked from a multiprocessing "forkserver" that has imported torch,
-transformers, PEFT and the rest once, so a sweep does not pay seconds of imports per job; the
-server itself never touches a model or a GPU. If a job process dies without writing its
-result (killed, crashed), the launcher writes one for it.
+On a host without GPUs, job processes are forked from a multiprocessing "forkserver" that has
+imported torch, transformers, PEFT and the rest once, so a sweep does not pay seconds of imports
+per job; the server never touches a model. On a host with GPUs they are spawned (a fresh
+interpreter each): a forked process cannot use CUDA once its parent has initialised it, and the
+imports initialise it — PEFT imports bitsandbytes, whose import asks
+torch.cuda.get_device_capability() which native library to load, and torch.cuda.is_available()
+alone, which transformers and datasets call, readies CUDA in a way no fork survives (unless
+PYTORCH_NVML_BASED_CUDA_CHECK=1). A GPU job pays its imports, seconds against its minutes of
+training. If a job process dies without writing its result (killed, crashed), the launcher
+writes one for it.
 """
 
 from __future__ import annotations
@@ -24,17 +30,28 @@ PRELOAD = ["harness.quiet", "torch", "transformers", "transformers.models.auto.m
            "transformers.models.llama.modeling_llama", "peft", "bitsandbytes", "datasets", "evaluate", "harness.job"]
 
 
+def slot_count(n_jobs: int, gpus: list[str]) -> int:
+    """How many jobs of `hydra/launcher=local-gpus` run at once: `n_jobs` (below 1, as joblib's
+    -1: one per GPU), but never more than the GPUs (a GPU per running job; the others wait for
+    one); CPU jobs (no GPUs) side by side, `n_jobs` of them."""
+    slots = n_jobs if n_jobs >= 1 else max(1, len(gpus))
+    return min(slots, len(gpus)) if gpus else slots
+
+
 @contextlib.contextmanager
-def gpu_slot(folder: Path, slots: int):
+def gpu_slot(folder: Path, slots: int, gpus: list[str]):
     """Hold one of `slots` GPU slots of a host for the duration of a job: a lock file per slot
     in `folder` (the sweep folder's .gpu-slots/), taken with flock, so concurrent jobs of a
     sweep never share a GPU, and a killed job's lock is released by the kernel. Yields the
-    slot's index and the CUDA_VISIBLE_DEVICES value that shows the job only its GPU."""
+    slot's index and the CUDA_VISIBLE_DEVICES value that shows the job only its GPU: slot i's
+    entry of `gpus` (the host's, as the user's CUDA_VISIBLE_DEVICES names them), or "" for CPU
+    jobs (`gpus` empty), which then see no GPU."""
     import fcntl
     import time
 
+    if gpus and slots > len(gpus):
+        raise ValueError(f"{slots} GPU slots for {len(gpus)} GPUs")
     folder.mkdir(parents=True, exist_ok=True)
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     while True:
         for index in range(slots):
             handle = open(folder / f"slot-{index}.lock", "w")
@@ -44,7 +61,7 @@ def gpu_slot(folder: Path, slots: int):
                 handle.close()
                 continue
             try:
-                yield index, visible[index] if index < len(visible) else str(index)
+                yield index, gpus[index] if gpus else ""
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
                 handle.close()
@@ -52,14 +69,20 @@ def gpu_slot(folder: Path, slots: int):
         time.sleep(0.2)
 
 
-def forkserver():
-    """The multiprocessing context whose processes fork from the preloaded server."""
+def job_context():
+    """The multiprocessing context job processes (and model builds, and the settings checks)
+    start from: the preloaded forkserver, or on a host with GPUs spawn (see the module's
+    docstring)."""
+    from harness.config import gpu_count
+
+    method = "spawn" if gpu_count() > 0 else "forkserver"
     if multiprocessing.get_start_method(allow_none=True) not in (None, "fork", "spawn", "forkserver"):
         # inside a joblib (loky) worker: job processes would inherit loky's start method name,
         # which plain multiprocessing cannot restore
-        multiprocessing.set_start_method("forkserver", force=True)
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
+        multiprocessing.set_start_method(method, force=True)
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(PRELOAD)
     return context
 
 
@@ -81,7 +104,7 @@ def call_in_server(func, *args):
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(1, mp_context=forkserver()) as pool:
+    with ProcessPoolExecutor(1, mp_context=job_context()) as pool:
         try:
             outcome, value = pool.submit(_reported, func, *args).result()
         except BrokenProcessPool:
@@ -120,7 +143,7 @@ def run_job_process(payload: dict, out_dir: Path) -> int:
     from harness.job import run_child
 
     target = agent if payload["config"]["train"].get("nproc_per_node", 1) > 1 else run_child
-    process = forkserver().Process(target=target, args=(payload, str(out_dir)), name="harness-job")
+    process = job_context().Process(target=target, args=(payload, str(out_dir)), name="harness-job")
     process.start()
     try:
         process.join()

@@ -3,7 +3,12 @@
 Peak memory, by device (each reading minus its baseline, taken before the model loads):
   CUDA  torch's peak allocated and peak reserved (exact, from the caching allocator), and
         NVML "used" memory of the GPU, sampled. The headline is peak reserved: what the
-        process's tensors really held on the card, allocator slack included.
+        process's tensors really held on the card, allocator slack included; each phase
+        starts with the allocator's cache emptied, so that blocks cached by loading and
+        scoring do not count as training's. bitsandbytes' paged optimizer states live in
+        CUDA managed memory, outside torch's allocator: their bytes are added to the
+        headline whole (`paged_memory_mb`, memory_source `cuda_max_reserved_plus_paged`),
+        as resident on the card unless it runs short, which is what paging them is for.
   CPU   the bytes malloc has handed out and not yet had back (glibc's mallinfo2(): every
         tensor, oneDNN scratch and library buffer), sampled, plus the model's tensors that
         live in memory-mapped checkpoint files (a load without a copy, which malloc never
@@ -129,14 +134,15 @@ class MemorySampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
         self._nvml = None
+        self.nvml_error: str | None = None  # why NVML was not read (no driver, a MIG parent, no permission)
         # CPU with glibc: the headline reads malloc's bytes in use (else RSS, or CUDA's peaks)
         self.uses_malloc = self.device.type != "cuda" and _MALLINFO2 is not None
         if self.device.type == "cuda":
-            torch.zeros(1, device=self.device)  # create the CUDA context before the baseline
+            create_cuda_context(self.device)  # before the baseline: the context is not the job's
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base_allocated = torch.cuda.memory_allocated(self.device)
             self.base_reserved = torch.cuda.memory_reserved(self.device)
-            self._nvml = _nvml_handle(self.device)
+            self._nvml, self.nvml_error = _nvml_handle(self.device)
             self.base_sampled = self._read()
         else:
             self._process = psutil.Process()
@@ -167,8 +173,12 @@ class MemorySampler:
         self.phase_peaks[self.current_phase] = self._phase_peak_mb()
         self.current_phase = name
         if self.device.type == "cuda":
+            import gc
+
             import torch
 
+            gc.collect()  # what the last phase dropped, then the blocks cached for it
+            torch.cuda.empty_cache()  # reserved = held: the new phase's peak starts from there
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.uses_malloc:
             self.peak_probed = malloc_in_use_bytes()
@@ -182,7 +192,8 @@ class MemorySampler:
         if self.device.type == "cuda":
             import torch
 
-            return max(0.0, (torch.cuda.max_memory_reserved(self.device) - self.base_reserved) / MIB)
+            reserved = torch.cuda.max_memory_reserved(self.device) - self.base_reserved
+            return max(0.0, (reserved + paged_bytes()) / MIB)
         fresh = self._seen_index == self._phase_index
         if self.uses_malloc:
             sampled = self.peak_in_use if fresh else 0
@@ -203,7 +214,7 @@ class MemorySampler:
         if self.device.type == "cuda":
             import torch
 
-            return (torch.cuda.memory_reserved(self.device) - self.base_reserved) / MIB
+            return (torch.cuda.memory_reserved(self.device) - self.base_reserved + paged_bytes()) / MIB
         if self.uses_malloc:
             return (malloc_in_use_bytes() - self.base_in_use + self.mapped_bytes) / MIB
         return (self._read() - self.base_sampled) / MIB
@@ -214,7 +225,11 @@ class MemorySampler:
                 return 0
             import pynvml
 
-            return pynvml.nvmlDeviceGetMemoryInfo(self._nvml).used
+            try:
+                return pynvml.nvmlDeviceGetMemoryInfo(self._nvml).used
+            except Exception as e:  # an NVML error never ends the job: torch's readings still stand
+                self._nvml, self.nvml_error = None, f"nvmlDeviceGetMemoryInfo: {type(e).__name__}: {e}"
+                return 0
         return self._process.memory_info().rss
 
     def _run(self) -> None:
@@ -271,11 +286,14 @@ class MemorySampler:
 
             allocated = (torch.cuda.max_memory_allocated(self.device) - self.base_allocated) / MIB
             reserved = (torch.cuda.max_memory_reserved(self.device) - self.base_reserved) / MIB
+            paged = paged_bytes() / MIB
             return {
-                "memory_source": "cuda_max_reserved",
+                "memory_source": "cuda_max_reserved_plus_paged" if paged else "cuda_max_reserved",
                 "cuda_max_allocated_mb": allocated,
                 "cuda_max_reserved_mb": reserved,
+                "paged_memory_mb": paged,
                 "nvml_used_peak_mb": sampled if self._nvml is not None else None,
+                "nvml_error": self.nvml_error,
                 **common,
             }
         hwm = (_max_rss_bytes() - self.base_sampled) / MIB
@@ -313,24 +331,43 @@ def release_freed_cpu_memory(threshold_kb: int | None) -> int | None:
     return int(threshold_kb) * 1024
 
 
-def _nvml_handle(device):
-    """NVML handle of the torch device (CUDA_VISIBLE_DEVICES respected), or None without NVML."""
-    import os
+def create_cuda_context(device) -> None:
+    """Create the CUDA context on `device` (the first allocation does)."""
+    import torch
 
+    torch.zeros(1, device=device)
+
+
+def paged_bytes() -> int:
+    """Bytes of bitsandbytes' paged buffers (the states of its paged optimizers): CUDA managed
+    memory, which torch's allocator does not see. bitsandbytes keeps every one it makes in its
+    GlobalPageManager; 0 when bitsandbytes is not loaded or none was made (on a CPU its paged
+    optimizers fall back to ordinary tensors)."""
+    functional = sys.modules.get("bitsandbytes.functional")
+    if functional is None:
+        return 0
+    return sum(t.nbytes for t in list(functional.GlobalPageManager.get_instance().paged_tensors))
+
+
+def _nvml_handle(device):
+    """(NVML handle of the torch device, None) or (None, why not). The device is found by its
+    UUID, which torch reports: CUDA numbers devices fastest first by default, NVML in PCI bus
+    order, and CUDA_VISIBLE_DEVICES renumbers them, so an index could name another GPU."""
     try:
         import pynvml
+        import torch
 
         pynvml.nvmlInit()
-        index = device.index or 0
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible:
-            ids = [v.strip() for v in visible.split(",")]
-            if ids[index].startswith(("GPU-", "MIG-")):
-                return pynvml.nvmlDeviceGetHandleByUUID(ids[index])
-            index = int(ids[index])
-        return pynvml.nvmlDeviceGetHandleByIndex(index)
-    except Exception:  # no driver, no NVML: torch's readings still stand
-        return None
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+    except Exception as e:  # no driver, no NVML: torch's readings still stand
+        return None, f"{type(e).__name__}: {e}"
+    candidates = [uuid] if uuid.startswith(("GPU-", "MIG-")) else [f"GPU-{uuid}", f"MIG-{uuid}"]
+    for candidate in candidates:
+        try:
+            return pynvml.nvmlDeviceGetHandleByUUID(candidate), None
+        except Exception as e:
+            error = f"nvmlDeviceGetHandleByUUID({candidate!r}): {type(e).__name__}: {e}"
+    return None, error
 
 
 def synchronize(device) -> None:

@@ -12,6 +12,7 @@ cannot apply to the model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
@@ -246,8 +247,9 @@ def projected_weights(model) -> list:
 
 
 def apply_method(model, method_cfg: dict, *, max_steps: int, gradient_checkpointing: bool,
-                 weights_file: str | None = None, init_batches=None):
+                 weights_files: list[str] = (), init_batches=None):
     """Make the loaded model trainable as the method says; returns the model to train.
+    `weights_files` (the checkpoint's safetensors files) are read by LoftQ's initialisation;
     `init_batches` (a callable returning a list of model-input batches) feeds a data-driven
     initialisation (EVA)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -286,44 +288,46 @@ def apply_method(model, method_cfg: dict, *, max_steps: int, gradient_checkpoint
             f"(the model's linear layers: {', '.join(linear)})"
         )
     if method_cfg.get("loftq_init"):
-        loftq_init(model, weights_file)
+        loftq_init(model, weights_files)
     if getattr(config, "init_lora_weights", None) == "eva":
         initialize_eva(model, config, init_batches())
     return model
 
 
-def loftq_init(model, weights_file: str | None) -> None:
+def loftq_init(model, weights_files: list[str]) -> None:
     """LoftQ (Li et al. 2023), as PEFT's replace_lora_weights_loftq does it: each 4-bit layer's
-    LoRA starts as the rank-r SVD of its quantization error (the original weight, read from
-    `weights_file`, less the dequantized 4-bit one), B = U sqrt(S), A = sqrt(S) V^T, so that
-    base + B A starts near the original weights when LoRA's scale (lora_alpha / r) is 1. On CUDA
-    PEFT's function runs; it computes on CUDA or XPU only, so elsewhere the same computation
-    runs here, on the weights' device."""
-    import torch
-
-    if next(model.parameters()).device.type == "cuda":
-        from peft import replace_lora_weights_loftq
-
-        replace_lora_weights_loftq(model, model_path=weights_file)
-        return
+    LoRA starts as the rank-r SVD of its quantization error (the original weight, read from the
+    checkpoint's safetensors `weights_files` — one file, or the shards of a sharded one — less
+    the dequantized 4-bit one), B = U sqrt(S), A = sqrt(S) V^T, so that base + B A starts near the
+    original weights when LoRA's scale (lora_alpha / r) is 1. Computed here on the weights'
+    device, on every device: PEFT's own runs on CUDA or XPU only, and finds the checkpoint by
+    itself, without the model's revision (a pinned Hub model reads another commit's weights, or
+    none offline) and without a sharded local folder's index."""
     import bitsandbytes as bnb
+    import torch
     from peft.tuners.lora import Linear4bit
     from safetensors import safe_open
 
-    if weights_file is None:
-        raise ConfigError("method.loftq_init: on a CPU LoftQ reads the original weights from the model folder's "
-                          "model.safetensors (one file), which this model does not have")
-    with safe_open(weights_file, framework="pt") as original:
+    if not weights_files:
+        raise ConfigError("method.loftq_init: LoftQ reads the original weights from the model's safetensors "
+                          "checkpoint, which this model does not have")
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(safe_open(f, framework="pt")) for f in weights_files]
+        where = {key: f for f in files for key in f.keys()}
         for name, module in model.named_modules():
             if not isinstance(module, Linear4bit):
                 continue
-            weight = original.get_tensor(name.removeprefix("base_model.model.") + ".weight").float()
+            key = name.removeprefix("base_model.model.") + ".weight"
+            if key not in where:
+                raise ConfigError(f"method.loftq_init: the checkpoint has no tensor {key!r} for the 4-bit layer {name}")
+            device = module.weight.device
+            weight = where[key].get_tensor(key).to(device).float()
             quantized = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
             u, s, vh = torch.linalg.svd(weight - quantized, full_matrices=False)
             r = module.r["default"]
             root = s[:r].sqrt()
-            module.lora_A["default"].weight.data = root[:, None] * vh[:r]
-            module.lora_B["default"].weight.data = u[:, :r] * root
+            module.lora_A["default"].weight.data = (root[:, None] * vh[:r]).to(module.lora_A["default"].weight.dtype)
+            module.lora_B["default"].weight.data = (u[:, :r] * root).to(module.lora_B["default"].weight.dtype)
 
 
 EVA_MAX_BATCHES = 2000  # forward passes EVA's incremental SVDs may take to converge

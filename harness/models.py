@@ -486,8 +486,9 @@ def random_cache_dir(architecture: dict, seed: int, vocab_size: int = 512) -> Pa
 def build_random_model(architecture: dict, seed: int, vocab_size: int = 512) -> Path:
     """Build (once, into the cache) a checkpoint of `architecture` (a config.json) with random
     bf16 weights and a small local tokenizer, so a real-size model can be measured with no
-    download. Weights are initialized once, on the GPU if there is one, then loaded with
-    `from_pretrained` like any checkpoint (quantized methods get real bitsandbytes layers)."""
+    download. Weights are initialized once, on the GPU if the model fits its free memory, else
+    on the CPU (a 70B model: 141 GB, no card holds it), then loaded with `from_pretrained` like
+    any checkpoint (quantized methods get real bitsandbytes layers)."""
     target = random_cache_dir(architecture, seed, vocab_size)
     if (target / "config.json").is_file():
         return target
@@ -502,16 +503,31 @@ def build_random_model(architecture: dict, seed: int, vocab_size: int = 512) -> 
         fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
         config = AutoConfig.for_model(**fields)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         with torch.device("meta"):  # shapes only: transformers' own init would take minutes at 7B
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        model.to_empty(device=device)
+        model.to_empty(device=build_device(sum(p.numel() * p.element_size() for p in model.parameters())))
         fill_random(model, std=getattr(config, "initializer_range", 0.02), seed=seed)
         model.tie_weights()
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
     return save_into_place(target, save)
+
+
+def build_device(model_bytes: int) -> str:
+    """Where a random-weight model of `model_bytes` is initialized: the GPU when it takes at most
+    90% of the GPU's free memory (fast), else the CPU when the host has the memory free, else a
+    ConfigError saying what it needs."""
+    import psutil
+    import torch
+
+    if torch.cuda.is_available() and model_bytes <= 0.9 * torch.cuda.mem_get_info()[0]:
+        return "cuda"
+    available = psutil.virtual_memory().available
+    if model_bytes > 0.9 * available:
+        raise ConfigError(f"building its random bf16 weights takes {model_bytes / 2**30:,.1f} GiB, and neither the "
+                          f"GPU nor this host has that much free (host: {available / 2**30:,.1f} GiB available)")
+    return "cpu"
 
 
 def fill_random(model, std: float, seed: int, block: int = 1 << 22) -> None:
@@ -575,12 +591,29 @@ def load_model(source: str, revision: str | None, *, dtype, quantization: dict |
         kwargs["quantization_config"] = config
         kwargs["device_map"] = {"": str(device)}  # bitsandbytes quantizes while placing weights
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if config is None or hqq:
-        model.to(device)
-    if hqq:
+    if hqq:  # quantized from the host: hqq moves each layer to the device as it quantizes it
         quantize_with_hqq(model, config, dtype, device)
+    elif config is None:
+        model.to(device)
     keep_4bit_layout_trainable(model)
     return model
+
+
+def checkpoint_files(source: str, revision: str | None) -> list[str]:
+    """The safetensors files of the checkpoint `source` names (a folder, or a Hub id at
+    `revision`, already in the local Hub cache once the model has loaded): its one
+    model.safetensors, or the shards its model.safetensors.index.json lists; [] without either."""
+    folder = Path(source)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(source, revision=revision, local_files_only=True,
+                                        allow_patterns=["*.safetensors", "*.safetensors.index.json"]))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [str(folder / name) for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = folder / "model.safetensors"
+    return [str(single)] if single.is_file() else []
 
 
 def quantize_with_hqq(model, config, dtype, device) -> None:
@@ -593,6 +626,16 @@ def quantize_with_hqq(model, config, dtype, device) -> None:
 
     AutoHQQHFModel.quantize_model(model, quant_config=config.quant_config, compute_dtype=dtype, device=str(device))
     HQQLinear.set_backend(HQQBackend.PYTORCH_BACKPROP)
+    move_outside(model, HQQLinear, device)  # what hqq does not place itself (rotary buffers)
+
+
+def move_outside(model, kind: type, device) -> None:
+    """Move every parameter and buffer of `model` to `device` as `model.to(device)` would,
+    except those of `kind` modules (HQQLinear places its quantized weight and scales itself, and
+    moving it with `.to` would move its weight without its scales), module by module."""
+    for module in model.modules():
+        if not isinstance(module, kind):
+            module._apply(lambda t: t.to(device), recurse=False)  # Module.to, for this module's own tensors
 
 
 def keep_4bit_layout_trainable(model) -> None:

@@ -16,11 +16,13 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-SCHEMA_VERSION = 8  # 2: config_hash, status "cancelled"; 3: predicted memory; 4: forgetting;
+SCHEMA_VERSION = 9  # 2: config_hash, status "cancelled"; 3: predicted memory; 4: forgetting;
 # 5: CPU peak memory is malloc in use (memory_source "cpu_malloc_in_use"), compile and adamw_impl;
 # 6: each scored example's outcome in predictions.jsonl (`outcomes`); 7: peak memory is the
 # training phase's (memory_phase, phase_peak_memory_mb); 8: jobs across ranks (metrics
-# peak_memory_mb_per_rank and peak_memory_rank, env.launch world_size and rank_devices)
+# peak_memory_mb_per_rank and peak_memory_rank, env.launch world_size and rank_devices); 9: CUDA
+# readings of bitsandbytes' paged states (paged_memory_mb, memory_source
+# "cuda_max_reserved_plus_paged") and why NVML was not read (nvml_error), env.cuda multiprocessors and uuid
 SCHEMA_PATH = Path(__file__).with_name("result_schema.json")
 RESULT_NAME = "result.json"
 OUTCOMES_NAME = "predictions.jsonl"  # each scored example's outcome, one JSON object a line
@@ -191,10 +193,13 @@ def device_info(device) -> dict:
     device = torch.device(device)
     info = {"device": str(device), "device_name": cpu_name(), "cuda": None}
     if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
+        properties = torch.cuda.get_device_properties(device)
+        info["device_name"] = properties.name
         cuda = {"runtime": torch.version.cuda, "driver": None,
-                "capability": ".".join(map(str, torch.cuda.get_device_capability(device))),
-                "total_memory_mb": torch.cuda.get_device_properties(device).total_memory / 2**20}
+                "capability": f"{properties.major}.{properties.minor}",
+                "total_memory_mb": properties.total_memory / 2**20,
+                "multiprocessors": properties.multi_processor_count,  # a MIG slice has a part of the GPU's
+                "uuid": str(properties.uuid)}
         try:
             import pynvml
 

@@ -97,7 +97,7 @@ def test_predicted_step_memory_matches_the_tensors_pytorch_holds(method, overrid
     ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[0, -1] = 0  # a padded batch, as the harness's batches are
-    model = apply_method(model, m, max_steps=100, gradient_checkpointing=False, weights_file=f"{source}/model.safetensors",
+    model = apply_method(model, m, max_steps=100, gradient_checkpointing=False, weights_files=[f"{source}/model.safetensors"],
                          init_batches=lambda: [{"input_ids": ids, "attention_mask": mask, "labels": ids}])
     if m["peft"] and m["peft"].get("init_lora_weights") == "eva":  # the ranks EVA gave each module
         m = {**m, "peft": {**m["peft"], "rank_pattern": dict(model.peft_config["default"].rank_pattern)}}

@@ -1,5 +1,6 @@
 """Every method trains a tiny model for real, and its result file is valid and plausible."""
 
+import re
 import statistics
 from pathlib import Path
 
@@ -373,11 +374,13 @@ def test_galore_and_apollo_project_the_attention_and_mlp_weights_and_keep_small_
     assert optimizer_state_bytes(optimizer) == plain + matrices
 
 
-def test_loftq_starts_each_4bit_layer_near_its_original_weights(model_cache):
+def test_loftq_starts_each_4bit_layer_near_its_original_weights(model_cache, tmp_path, monkeypatch):
     """LoftQ: each 4-bit layer's LoRA is the rank-r SVD of its quantization error, as PEFT's own
     decomposition gives it (peft.utils.loftq_utils._low_rank_decomposition), so that base + B A
-    (LoRA scale 1) is nearer the original weight than the 4-bit base alone. On a CPU the harness
-    computes it (PEFT's replace_lora_weights_loftq runs on CUDA or XPU only)."""
+    (LoRA scale 1) is nearer the original weight than the 4-bit base alone. The harness computes
+    it on every device (PEFT's replace_lora_weights_loftq runs on CUDA or XPU only, and reads a
+    sharded or revision-pinned checkpoint wrongly), from one checkpoint file or its shards, of a
+    folder or of a Hub id at its revision."""
     import bitsandbytes as bnb
     import torch
     from peft.tuners.lora import Linear4bit
@@ -387,14 +390,15 @@ def test_loftq_starts_each_4bit_layer_near_its_original_weights(model_cache):
     from conftest import compose
     from harness.errors import ConfigError
     from harness.methods import apply_method, loftq_init
-    from harness.models import load_model, resolve_model_source
+    from harness.models import checkpoint_files, load_model, resolve_model_source
 
     cfg = compose(["method=loftq"])
     source = Path(resolve_model_source(cfg["model"]))
     model = load_model(str(source), None, dtype=torch.bfloat16, quantization=cfg["method"]["quantization"],
                        device=torch.device("cpu"))
+    assert checkpoint_files(str(source), None) == [str(source / "model.safetensors")]
     model = apply_method(model, cfg["method"], max_steps=10, gradient_checkpointing=False,
-                         weights_file=str(source / "model.safetensors"))
+                         weights_files=checkpoint_files(str(source), None))
     original = load_file(source / "model.safetensors")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]
     assert len(layers) == model.config.num_hidden_layers * 7
@@ -407,10 +411,43 @@ def test_loftq_starts_each_4bit_layer_near_its_original_weights(model_cache):
         torch.testing.assert_close(b, peft["L"])
         assert module.scaling["default"] == 1
         assert (error - b @ a).norm() < 0.9 * error.norm(), name
-    with pytest.raises(ConfigError, match=r"^method.loftq_init: on a CPU LoftQ reads the original weights from the "
-                                          r"model folder's model.safetensors \(one file\), which this model does "
-                                          r"not have$"):
-        loftq_init(model, None)  # a sharded checkpoint: the job passes no single file
+    initialised = {n: (m.lora_A["default"].weight.clone(), m.lora_B["default"].weight.clone()) for n, m in layers}
+
+    def same_start(files):
+        loftq_init(model, files)
+        for name, module in layers:
+            torch.testing.assert_close(module.lora_A["default"].weight, initialised[name][0], rtol=0, atol=0)
+            torch.testing.assert_close(module.lora_B["default"].weight, initialised[name][1], rtol=0, atol=0)
+
+    # the same weights as shards (model-0000N-of-0000M.safetensors and their index)
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(source).save_pretrained(sharded, max_shard_size="1MB")
+    shards = checkpoint_files(str(sharded), None)
+    assert len(shards) > 1 and all(re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", Path(f).name) for f in shards)
+    same_start(shards)
+    # a Hub id pinned to a revision, in the local Hub cache: that commit's files, not main's
+    repo = tmp_path / "hub" / "models--org--tiny"
+    pinned, newer = "a" * 40, "b" * 40
+    for commit in (pinned, newer):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+    for f in sharded.iterdir():
+        (repo / "snapshots" / pinned / f.name).write_bytes(f.read_bytes())
+    (repo / "snapshots" / newer / "model.safetensors").write_bytes(b"another commit")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(newer)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    from_hub = checkpoint_files("org/tiny", pinned)
+    assert [Path(f).name for f in from_hub] == [Path(f).name for f in shards]
+    assert all(f"snapshots/{pinned}/" in f for f in from_hub)
+    same_start(from_hub)
+    assert checkpoint_files("org/tiny", None) == [str(repo / "snapshots" / newer / "model.safetensors")]
+    with pytest.raises(ConfigError, match=r"^method.loftq_init: LoftQ reads the original weights from the model's "
+                                          r"safetensors checkpoint, which this model does not have$"):
+        loftq_init(model, [])
 
 
 def test_full_finetuning_names_its_optimizer_and_precision(method_results):

@@ -574,14 +574,22 @@ def test_galore_and_apollo_projections_cost_flops_once_per_step():
         2 * 16 * (64 * 32 + 32 * 96 + 8 * 8)
 
 
-@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),
-                                       ("NVIDIA H200", 989.4), ("NVIDIA A100-SXM4-80GB", 312.0),
-                                       ("NVIDIA L40S", 362.1), ("NVIDIA GeForce RTX 4090", 165.2),
-                                       ("Intel(R) Xeon(R) Processor", None), (None, None)])
-def test_mfu_only_for_known_devices(name, peak):
+@pytest.mark.parametrize("name,sms,peak", [
+    ("NVIDIA H100 80GB HBM3", 132, 989.4), ("NVIDIA H100 PCIe", 114, 756.0), ("NVIDIA H100 NVL", 132, 835.0),
+    ("NVIDIA H200", 132, 989.4), ("NVIDIA H200 NVL", 132, 835.0), ("NVIDIA GH200 480GB", 132, 989.4),
+    ("NVIDIA A100-SXM4-80GB", 108, 312.0), ("NVIDIA A100 80GB PCIe", 108, 312.0),
+    ("NVIDIA L40S", 142, 362.1), ("NVIDIA L40", 142, 181.0), ("NVIDIA L4", 58, 121.0),
+    ("NVIDIA GeForce RTX 4090", 128, 165.2), ("NVIDIA A10G", 80, 70.0), ("NVIDIA A10", 72, 125.0),
+    # names that a substring match took for another GPU: not in the table, so no MFU
+    ("NVIDIA RTX A1000", 16, None), ("NVIDIA RTX A1000 6GB Laptop GPU", 16, None), ("NVIDIA L40G", 142, None),
+    # a MIG slice: the whole GPU's peak times its share of the SMs (1g.10gb: 16 of 132)
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", 16, 989.4 * 16 / 132), ("NVIDIA A100-SXM4-40GB MIG 3g.20gb", 42, 312.0 * 42 / 108),
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None, None),
+    ("Intel(R) Xeon(R) Processor", None, None), (None, None, None)])
+def test_mfu_only_for_known_devices(name, sms, peak):
     from harness.flops import utilization
 
-    u = utilization(1e9, 1000.0, name)
+    u = utilization(1e9, 1000.0, name, sms)
     assert u["peak_bf16_tflops"] == peak
     assert u["train_tflops"] == pytest.approx(1.0)
     assert u["mfu"] == (pytest.approx(1.0 / peak) if peak else None)

@@ -312,7 +312,7 @@ BAD_INPUT = [
     (P, lambda t: [str(t / "nowhere")], "does not exist"),
     (P, lambda t: [str(t)], "no result.json under"),
     (P, lambda t: [str(result_folder(t, "not json"))], "is not a valid result (JSONDecodeError"),
-    (P, lambda t: [str(foreign_result(t))], "is not a valid result (ValidationError: 99 is not one of [2, 3, 4, 5, 6, 7, 8])"),
+    (P, lambda t: [str(foreign_result(t))], "is not a valid result (ValidationError: 99 is not one of [2, 3, 4, 5, 6, 7, 8, 9])"),
     (P, lambda t: [str(REPO / "tests" / "golden" / "intel-amx"), "--jobs", "0"], "--jobs 0: must be a positive integer"),
     (P, lambda t: [str(REPO / "tests" / "golden" / "intel-amx"), "--metrics", "loss"],
      "--metrics 'loss': allowed metrics are train_losses, score_before, score"),

@@ -26,8 +26,9 @@ LISTS = ["metrics.train_losses", "metrics.score_samples"]  # kept in the frame, 
 WHOLE = ["metrics.adalora_final_ranks", "metrics.eva_rank_pattern"]
 
 
-READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)  # 2 added config_hash and status "cancelled"; 3 predicted memory; 4 forgetting;
-# 5 CPU peak memory as malloc in use; 6 per-example outcomes; 7 peak memory of the training phase
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)  # 2 added config_hash and status "cancelled"; 3 predicted memory; 4 forgetting;
+# 5 CPU peak memory as malloc in use; 6 per-example outcomes; 7 peak memory of the training phase;
+# 8 jobs across ranks; 9 CUDA paged memory and NVML errors
 
 
 def _read(path: Path) -> dict | None:

@@ -24,6 +24,9 @@ BASELINE = "qlora"  # the default of report.baseline
 MEMORY_SOURCES = {
     "cuda_max_reserved": "torch's peak reserved CUDA memory minus its baseline taken just before "
                          "the model loads",
+    "cuda_max_reserved_plus_paged": "torch's peak reserved CUDA memory minus its baseline taken just before "
+                                    "the model loads, plus bitsandbytes' paged optimizer states (CUDA managed "
+                                    "memory, which torch's allocator does not see)",
     "cpu_malloc_in_use": "the peak of the bytes glibc's malloc had handed out (mallinfo2, sampled: every "
                          "tensor and library buffer) minus its baseline taken just before the model loads, "
                          "plus the model weights mapped from the checkpoint file (loaded without a copy)",
