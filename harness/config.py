@@ -396,9 +396,10 @@ def validate(cfg: dict) -> None:
     for key in TASK_KEYS:
         _get(cfg, f"task.{key}")
     nullable = ("n_train", "n_test", "seq_len")  # null sizes take every example there is
+    unscored = cfg["task"]["scoring"] == "none"  # task=lengths: no validation or test examples needed
     for key in ("n_train", "n_validation", "n_test", "max_new_tokens", "seq_len"):
         if key in cfg["task"] and not (key in nullable and cfg["task"][key] is None):
-            _positive_int(cfg, f"task.{key}")
+            _positive_int(cfg, f"task.{key}", minimum=0 if unscored and key in ("n_validation", "n_test") else 1)
 
 
 def check_library_settings(configs: list[dict]) -> None:

@@ -13,8 +13,11 @@ def tokenize_examples(dataset, tokenizer, seq_len: int) -> tuple[list[dict], int
     """Token ids and labels (loss on the answer and EOS only); drops examples over seq_len.
 
     Returns the examples and how many were dropped. The prompt is tokenized on its own, with
-    the tokenizer's special tokens (BOS), exactly as it is at generation time.
+    the tokenizer's special tokens (BOS), exactly as it is at generation time. Examples that
+    are only lengths (task=lengths) get random token ids instead (random_token_examples).
     """
+    if "length" in dataset.column_names:
+        return random_token_examples(dataset, tokenizer, seq_len)
     prompts = tokenizer(list(dataset["prompt"]))["input_ids"]
     answers = tokenizer(list(dataset["answer"]), add_special_tokens=False)["input_ids"]
     examples, dropped = [], 0
@@ -24,6 +27,22 @@ def tokenize_examples(dataset, tokenizer, seq_len: int) -> tuple[list[dict], int
             dropped += 1
             continue
         examples.append({"input_ids": p + a, "labels": [IGNORE_INDEX] * len(p) + a})
+    return examples, dropped
+
+
+def random_token_examples(dataset, tokenizer, seq_len: int) -> tuple[list[dict], int]:
+    """Examples of `length` token ids each, drawn uniformly from the tokenizer's vocabulary less
+    its special tokens (seeded by the row's `token_seed`), every token carrying the loss; those
+    over `seq_len` dropped."""
+    special = set(tokenizer.all_special_ids)
+    vocabulary = [i for i in range(len(tokenizer)) if i not in special]
+    examples, dropped = [], 0
+    for length, seed in zip(dataset["length"], dataset["token_seed"]):
+        if length > seq_len:
+            dropped += 1
+            continue
+        ids = random.Random(seed).choices(vocabulary, k=length)
+        examples.append({"input_ids": ids, "labels": list(ids)})
     return examples, dropped
 
 

@@ -287,6 +287,14 @@ def rank_main(payload_file: str, out_dir: str) -> None:
             handler.setFormatter(logging.Formatter(f"[rank {r}][%(name)s][%(levelname)s] - %(message)s"))
         logging.getLogger().setLevel(logging.WARNING)
     result = run_payload(payload, out_dir, say_config_error=r == 0)  # every rank finds the same mistake
+    import torch.distributed as dist
+
+    if result["status"] == "ok" and dist.is_initialized():
+        # every rank is here: leave the group together (left to the interpreter's exit, gloo's
+        # threads once aborted a rank: "terminate called without an active exception"). A rank
+        # not ok exits at once, so that torchrun stops the others, which may be in a collective.
+        dist.barrier()
+        dist.destroy_process_group()
     sys.exit(0 if result["status"] == "ok" else 1)
 
 

@@ -178,7 +178,12 @@ def score_choice(model, tokenizer, dataset, metric, metric_key: str, *, batch_si
     return float(computed[metric_key]), samples, outcomes
 
 
-SCORERS = {"generate": score_generation, "choice": score_choice}
+def score_nothing(*args, **kwargs) -> tuple[None, list, list]:
+    """scoring: none (task=lengths): no score, no samples, no outcomes."""
+    return None, [], []
+
+
+SCORERS = {"generate": score_generation, "choice": score_choice, "none": score_nothing}
 
 
 def text_loss(model, tokenizer, texts: list[str], *, max_tokens: int, batch_size: int, device,

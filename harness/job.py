@@ -393,7 +393,9 @@ def with_method(model, setup: Setup, config: dict, device, sampler, metrics: dic
     metrics.update(measure.count_params(model))
     metrics.update(measure.weight_bytes(model))
     # A real architecture with random weights measures memory and speed; its scores mean nothing.
-    metrics["score_meaningful"] = config["model"].get("init", "pretrained") != "random"
+    # So does a task that scores nothing (task=lengths).
+    metrics["score_meaningful"] = (config["model"].get("init", "pretrained") != "random"
+                                   and config["task"]["scoring"] != "none")
     return model
 
 
@@ -460,7 +462,8 @@ def score_fine_tuned_model(evaluator: Evaluator, config: dict, metrics: dict) ->
     if config["eval"].get("validation"):
         metrics["validation_score"], _ = evaluator.task("after", "validation")
     metrics["score"], metrics["score_samples"] = evaluator.task("after")
-    log.info("score after training: %s=%.4f", metric, metrics["score"])
+    if metrics["score"] is not None:
+        log.info("score after training: %s=%.4f", metric, metrics["score"])
     if evaluator.forgetting:
         metrics["forgetting_loss_after"] = evaluator.general_loss()
         metrics["forgetting"] = metrics["forgetting_loss_after"] - metrics["forgetting_loss_before"]
@@ -492,7 +495,8 @@ def train_and_score(config: dict, device, metrics: dict, sampler, started: float
     evaluator.use(model, autocast)
     if config["eval"]["before"]:
         metrics["score_before"], _ = evaluator.task("before")
-        log.info("score before training: %s=%.4f", config["task"]["metric"], metrics["score_before"])
+        if metrics["score_before"] is not None:
+            log.info("score before training: %s=%.4f", config["task"]["metric"], metrics["score_before"])
     metrics["wall_eval_s"] = evaluator.seconds
     optimizer = fine_tune(model, setup, config, device, autocast, sampler, metrics, started, evaluator.seconds)
     training_metrics(model, optimizer, setup, device, metrics)

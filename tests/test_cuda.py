@@ -372,3 +372,32 @@ def test_local_gpus_gives_each_running_job_a_gpu_the_user_allowed(tmp_path):
     with pytest.raises(ValueError, match="3 GPU slots for 2 GPUs"):
         with gpu_slot(tmp_path / "bad", 3, ["0", "1"]):
             pass
+
+
+def test_bf16_autocast_on_a_gpu_is_cudas(cuda):
+    """train.precision=bf16 on a GPU: bf16 autocast for device type cuda, recorded as such."""
+    from harness.job import autocast_for
+
+    factory, dtype = autocast_for(torch.device("cuda:0"), "bf16")
+    assert dtype == "bfloat16" and factory.keywords == {"device_type": "cuda", "dtype": torch.bfloat16}
+    assert factory.func is torch.autocast
+    assert autocast_for(torch.device("cuda:0"), "fp32")[1] is None
+
+
+def test_the_memory_model_on_a_gpu_counts_the_cuda_context_and_multi_tensor_adamw():
+    """The memory model's CUDA terms: the planner adds the CUDA context to each prediction, and
+    AdamW's default on CUDA is the multi-tensor (foreach) step, whose temporaries the CPU's
+    for-loop step does not make."""
+    from harness import memory_model, plan
+
+    arch = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 1000, "tie_word_embeddings": False}
+    full = {"name": "full", "base_dtype": "float32", "optimizer": {"name": "adamw"}}
+    gpu = memory_model.predict(arch, full, batch_size=2, seq_len=64, device="cuda")
+    cpu = memory_model.predict(arch, full, batch_size=2, seq_len=64, device="cpu")
+    assert gpu["peak_mb"] > cpu["peak_mb"]  # the foreach step's temporaries
+    train = {"batch_size": 2, "seq_len": 64, "gradient_checkpointing": False, "precision": "bf16",
+             "adamw_impl": "default", "nproc_per_node": 1, "grad_accum": 1}
+    (row,) = plan.plan(arch, [full], train, [gpu["peak_mb"] / 1024 + 0.4, gpu["peak_mb"] / 1024 + 0.6])
+    # a card fits the job when the prediction plus the 512 MiB CUDA context is within it
+    assert row["peak_mb"] == gpu["peak_mb"] and list(row[k] for k in row if k.startswith("fits_")) == [False, True]

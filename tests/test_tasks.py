@@ -433,3 +433,42 @@ def test_pretraining_corpus_holds_out_the_arithmetic_tasks_problems():
     asked = {p + a for split in ("train", "validation", "test") for p, a in zip(task[split]["prompt"], task[split]["answer"])}
     assert len(asked) == 400 and not asked & lines
     assert sum(line.count("+") == 1 and "=" in line for line in lines) > 1000
+
+
+def test_lengths_task_gives_examples_of_exactly_the_lengths_asked(model_cache):
+    """task=lengths: random token ids from the model's own vocabulary (no special token), every
+    token trained on, each example task.seq_len tokens or drawn from task.lengths; the same ids
+    for the same seed; nothing to score."""
+    from harness.data import tokenize_examples
+    from harness.models import load_tokenizer, resolve_model_source
+    from harness.tasks import load_task
+
+    task = compose(["task=lengths", "task.seq_len=48", "task.n_train=6"])["task"]
+    tokenizer = load_tokenizer(resolve_model_source(compose()["model"]), None)
+    splits = load_task(task)
+    assert len(splits["train"]) == 6 and len(splits["test"]) == 0 and len(splits["validation"]) == 0
+    examples, dropped = tokenize_examples(splits["train"], tokenizer, 48)
+    assert dropped == 0 and [len(e["input_ids"]) for e in examples] == [48] * 6
+    assert all(e["labels"] == e["input_ids"] for e in examples)
+    assert not {i for e in examples for i in e["input_ids"]} & set(tokenizer.all_special_ids)
+    assert max(i for e in examples for i in e["input_ids"]) < len(tokenizer)
+    assert len({tuple(e["input_ids"]) for e in examples}) == 6  # each example its own ids
+    again, _ = tokenize_examples(load_task(task)["train"], tokenizer, 48)
+    assert again == examples
+    drawn = load_task({**task, "lengths": [8, 16, 32], "n_train": 60})["train"]
+    assert set(drawn["length"]) == {8, 16, 32}
+    examples, dropped = tokenize_examples(drawn, tokenizer, 16)  # train.seq_len below some: dropped
+    assert {len(e["input_ids"]) for e in examples} == {8, 16} and dropped == drawn["length"].count(32)
+    for lengths, message in [([], "a list of lengths"), ([1, 8], "a list of lengths"), ([64], "task.seq_len=48")]:
+        with pytest.raises(ConfigError, match=message):
+            load_task({**task, "lengths": lengths})
+
+
+def test_a_lengths_job_measures_memory_and_speed_and_scores_nothing(tmp_path, model_cache):
+    result = run_in_process(tmp_path, ["task=lengths", "task.seq_len=32", "train.max_steps=4",
+                                       "measure.warmup_steps=1", "task.n_train=16"])
+    m = result["metrics"]
+    assert result["status"] == "ok", result["error"]
+    assert m["score"] is None and m["score_before"] is None and m["score_meaningful"] is False
+    assert m["train_examples"] == 16 and m["tokens_per_s"] > 0 and m["peak_memory_mb"] > 0
+    assert not (tmp_path / "predictions.jsonl").exists()

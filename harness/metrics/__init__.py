@@ -13,9 +13,12 @@ def available() -> list[str]:
     return sorted(p.name for p in METRICS_DIR.iterdir() if (p / f"{p.name}.py").is_file())
 
 
-def load_metric(name: str):
+def load_metric(name: str | None):
+    """The metric module `name`; None for a task that scores nothing (metric: null)."""
     import evaluate
 
+    if name is None:
+        return None
     if name not in available():
         raise ConfigError(f"task.metric={name!r} is unknown (allowed: {', '.join(available())})")
     return evaluate.load(str(METRICS_DIR / name / f"{name}.py"))

@@ -8,7 +8,9 @@ test split is scored is the task config's `scoring`:
 - `generate`: greedy generation, compared with `answer` by the task's `evaluate` metric;
 - `choice`: each example also has `choices` (strings) and `label` (the right one's index,
   whose text is `answer`); the prediction is the choice of highest log-likelihood after the
-  prompt, compared with `label` by the metric (accuracy).
+  prompt, compared with `label` by the metric (accuracy);
+- `none`: nothing is scored (task=lengths: examples that are only lengths, `length` and
+  `token_seed` columns, whose token ids harness/data.py draws).
 
 Builders of real datasets read them with `load_split` (a Hub id at a pinned revision, or a
 local folder in the same file layout) and cut their sizes with `take`.
@@ -23,8 +25,9 @@ from pathlib import Path
 from harness.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
-SCORINGS = ("generate", "choice")
-COLUMNS = {"generate": {"prompt", "answer"}, "choice": {"prompt", "answer", "choices", "label"}}
+SCORINGS = ("generate", "choice", "none")
+COLUMNS = {"generate": {"prompt", "answer"}, "choice": {"prompt", "answer", "choices", "label"},
+           "none": {"length", "token_seed"}}
 
 
 def builders() -> list[str]:
