@@ -207,14 +207,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def gpu_slug() -> str:
-    """'h100', 'h200', ... from GPU 0's name, for the run's folder."""
+    """'h100', 'a100', 'rtx-4090', ... from GPU 0's name (its words up to the first with a digit),
+    for the run's folder."""
     import re
 
     import torch
 
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    found = re.search(r"\b([A-Z]+\d+[A-Z]*)\b", name.replace("NVIDIA", ""))
-    return found.group(1).lower() if found else "gpu"
+    words = [w for w in re.split(r"[\s-]+", name) if w and w not in ("NVIDIA", "GeForce", "Tesla")]
+    upto = next((i for i, w in enumerate(words) if any(c.isdigit() for c in w)), None)
+    return "-".join(words[: upto + 1]).lower() if upto is not None else "gpu"
 
 
 if __name__ == "__main__":

@@ -526,7 +526,6 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
     out_dir.mkdir(parents=True, exist_ok=True)
     import_libraries()  # before the memory baseline, so library code is not counted as the job's
     result = new_result(config)
-    result["env"] = environment(None, command, list(overrides), {})  # the device's facts once it answers
     metrics = result["metrics"]
     outcomes: list[dict] = []
     try:  # the device's first calls: a CUDA error there is the job's result too, not a crash
@@ -536,6 +535,7 @@ def run_job(config: dict, out_dir: Path, command: str = "", overrides: list[str]
     except Exception as e:
         log.error("the device failed before the job started:\n%s", traceback.format_exc())
         result.update(status="oom" if is_out_of_memory(e) else "error", error=f"{type(e).__name__}: {one_line(e)}")
+        result["env"] = result["env"] or environment(None, command, list(overrides), {})
         return finish(result, out_dir, outcomes, started)
     try:
         train_and_score(config, device, metrics, sampler, started, outcomes)

@@ -401,3 +401,28 @@ def test_the_memory_model_on_a_gpu_counts_the_cuda_context_and_multi_tensor_adam
     (row,) = plan.plan(arch, [full], train, [gpu["peak_mb"] / 1024 + 0.4, gpu["peak_mb"] / 1024 + 0.6])
     # a card fits the job when the prediction plus the 512 MiB CUDA context is within it
     assert row["peak_mb"] == gpu["peak_mb"] and list(row[k] for k in row if k.startswith("fits_")) == [False, True]
+
+
+def test_a_cuda_oom_in_a_job_is_an_oom_result_with_its_prediction(cuda, tmp_path, monkeypatch):
+    """A CUDA out-of-memory raised while the job runs (here as the model loads onto the GPU,
+    wrapped by the loader as transformers wraps it) is recorded as `oom`, with the memory
+    model's prediction of the need, the peak so far and the phase it happened in."""
+    from harness import job, results
+
+    def load(setup, config, device, sampler):
+        cuda.allocate(50_000)  # the weights so far
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                         "capacity of 79.19 GiB of which 1.2 GiB is free.")
+        except torch.OutOfMemoryError as e:
+            raise OSError("cannot load the model") from e
+
+    monkeypatch.setattr(job, "load", load)
+    result = job.run_job(compose(["device=cuda"]), tmp_path)
+    results.validate(json.loads((tmp_path / "result.json").read_text()))
+    m = result["metrics"]
+    assert result["status"] == "oom" and result["error"].startswith("OSError: cannot load the model")
+    assert "(predicted need: " in result["error"] and m["predicted_peak_memory_mb"] > 0
+    assert m["memory_source"] == "cuda_max_reserved" and m["memory_phase"] == "load"
+    assert m["peak_memory_mb"] == pytest.approx(50_000)
+    assert result["env"]["device"] == "cuda:0" and result["env"]["bf16_native"] is True

@@ -104,3 +104,20 @@ def test_the_dry_run_runs_every_step_and_renders_its_pages(tmp_path):
     assert list(published["method"]) == ["lora", "qlora", "full", "lora"] and published["ours_gib"].notna().all()
     page = (out / "evidence.html").read_text()
     assert "dry run on the CPU" in page and "none of its numbers is evidence about GPUs" in page
+
+
+def test_steps_after_the_deadline_are_skipped_and_a_run_without_results_says_so(tmp_path, capsys):
+    from harness import evidence
+
+    assert evidence.main(["--dry-run", "--minutes", "0", "--out", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err.splitlines() == [f"error: no job wrote a result; see {tmp_path / 'run' / 'logs'}"]
+
+
+@pytest.mark.parametrize("name,slug", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
+                                       ("NVIDIA A100-SXM4-80GB", "a100"), ("NVIDIA GeForce RTX 4090", "rtx-4090"),
+                                       ("Tesla V100-SXM2-32GB", "v100")])
+def test_the_runs_folder_is_named_for_its_gpu(monkeypatch, name, slug):
+    from harness.evidence import gpu_slug
+
+    FakeCuda(monkeypatch, [FakeGpu(name=name)])
+    assert gpu_slug() == slug

@@ -216,3 +216,21 @@ def test_single_forward_choice_scoring_equals_per_choice_scoring_on_the_real_mod
     answers = lambda scores: [max((0, 1), key=s.__getitem__) for s in scores]  # noqa: E731
     assert answers(single) == answers(per_choice)
     assert [x for s in single for x in s] == pytest.approx([x for s in per_choice for x in s], abs=1e-3)
+
+
+def test_a_job_measures_forgetting_and_capability_before_and_after(tmp_path):
+    """forgetting= and capability= in a job: the general-text loss and the capability
+    benchmark's accuracy (real PIQA rows) before and after training, and their changes."""
+    from conftest import run_in_process
+
+    result = run_in_process(tmp_path, ["forgetting=synthetic", "forgetting.n_texts=16", "capability=piqa",
+                                       "capability.dataset.path=${offline_copy:piqa}", "capability.n_test=16",
+                                       "train.max_steps=4", "eval.before=false", "task.n_test=8"])
+    m = result["metrics"]
+    assert result["status"] == "ok", result["error"]
+    assert m["forgetting"] == pytest.approx(m["forgetting_loss_after"] - m["forgetting_loss_before"])
+    assert m["forgetting_loss_before"] > 0 and m["forgetting_loss_after"] > 0
+    assert 0 <= m["capability_before"] <= 1 and 0 <= m["capability_after"] <= 1
+    assert m["capability_change"] == pytest.approx(m["capability_after"] - m["capability_before"])
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert sum(r["split"] == "capability" for r in rows) == 2 * 16  # each PIQA example before and after
