@@ -66,7 +66,6 @@ REASONS: dict[str, str] = {
                                     "step starts is tested",
     "harness/evidence.py:main": "a GPU run with fewer GPUs than a step needs, or whose report fails (the dry run "
                                 "runs every step)",
-    "harness/evidence.py:gpu_slug": "",
     "harness/distributed.py:agent": "torchrun's agent itself signalled or unable to start its ranks",
     "harness/distributed.py:record_failed_rank": "a failed rank that left no status file (killed before writing it)",
     "harness/distributed.py:shard": "a model without transformers' *DecoderLayer modules (every shipped model has them)",
@@ -108,9 +107,8 @@ REASONS: dict[str, str] = {
     "harness/metrics/__init__.py:load_metric": REFUSAL,
     "harness/tasks/__init__.py:load_task": REFUSAL,
     "harness/tasks/__init__.py:two_choices": REFUSAL,
-    "harness/tasks/__init__.py:general_texts": "forgetting=synthetic in a job process (its job test runs the "
-                                               "harness in-process, which measures it; see the job test) and the "
-                                               "refusals of a bad forgetting source",
+    "harness/tasks/__init__.py:general_texts": "the refusals of a bad forgetting source and of a dataset without "
+                                               "long enough texts",
     "harness/adapters.py:__post_init__": REFUSAL,
     "harness/adapters.py:add_adapters": REFUSAL,
     "harness/adapters.py:load_adapters": "an adapter file of another model",
