@@ -395,6 +395,22 @@ def test_cli_without_the_default_baseline_renders_as_the_sweep_does(tmp_path):
     assert not (tmp_path / "named").exists()
 
 
+def test_a_figure_that_cannot_show_anything_is_left_out_with_one_line(tmp_path):
+    """Memory vs model size with one model size is a single point per method: left out, and the
+    page says why in one line; the score axes name the task's metric."""
+    folder = tmp_path / "sweep"
+    for i, method in enumerate(["qlora", "lora"]):
+        result = fake_result("small", method, 0)
+        result["config"]["task"]["metric"] = "accuracy"
+        (folder / str(i)).mkdir(parents=True)
+        (folder / str(i) / "result.json").write_text(json.dumps(result))
+    index = build_report([folder], tmp_path / "out")
+    page = Page(index.read_text())
+    assert "scaling.png" not in page.images and not (tmp_path / "out" / "scaling.png").exists()
+    assert "Left out: the sweep has one model size, and scaling needs two or more." in page.text
+    assert len(page.images) == 5
+
+
 def test_the_page_shows_each_package_version_once_and_which_jobs_ran_with_which(tmp_path):
     import scipy
 
@@ -444,25 +460,37 @@ def test_every_figure_keeps_its_labels_and_titles_inside_the_image(sweep):
     from harness.report.verdict import score_matrices, select_learning_rates
 
     df, _ = select_learning_rates(collect([sweep]))
-    summary = summarize(df)
-    front = pareto_front(summary)
-    comparison = against_baseline(summary, score_matrices(df, pd.DataFrame()), "qlora")
-    made = {"forest": figures.forest_figure(comparison, summary, "QLoRA"),
-            "pareto": figures.pareto_figure(summary, front, "qlora"),
-            "speed": figures.speed_figure(summary, "qlora"),
-            "scaling": figures.scaling_figure(df, summary, "qlora"),
-            "memory_model": figures.memory_model_figure(df, summary, "qlora"),
-            "curves": figures.curves_figure(df, summary, "qlora")}
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    for name, fig in made.items():
-        canvas = FigureCanvasAgg(fig)  # as savefig draws it
-        canvas.draw()
-        drawn = fig.get_tightbbox(canvas.get_renderer())  # every artist drawn (inches)
-        width, height = fig.get_size_inches()
-        tolerance = 2 / fig.dpi  # two pixels
-        assert (drawn.x0 >= -tolerance and drawn.y0 >= -tolerance and drawn.x1 <= width + tolerance
-                and drawn.y1 <= height + tolerance), (name, drawn, (width, height))
+    one_model = df[df["model"] == "small"]
+    for rows in (df, one_model):  # two panels, and one: a narrow figure's legend once covered its title
+        summary = summarize(rows)
+        front = pareto_front(summary)
+        comparison = against_baseline(summary, score_matrices(rows, pd.DataFrame()), "qlora")
+        made = {"forest": figures.forest_figure(comparison, summary, "QLoRA", "accuracy"),
+                "pareto": figures.pareto_figure(summary, front, "qlora", "accuracy"),
+                "speed": figures.speed_figure(summary, "qlora", "accuracy"),
+                "scaling": figures.scaling_figure(rows, summary, "qlora"),
+                "memory_model": figures.memory_model_figure(rows, summary, "qlora"),
+                "curves": figures.curves_figure(rows, summary, "qlora")}
+        for name, fig in made.items():
+            canvas = FigureCanvasAgg(fig)  # as savefig draws it
+            canvas.draw()
+            renderer = canvas.get_renderer()
+            drawn = fig.get_tightbbox(renderer)  # every artist drawn (inches)
+            width, height = fig.get_size_inches()
+            tolerance = 2 / fig.dpi  # two pixels
+            assert (drawn.x0 >= -tolerance and drawn.y0 >= -tolerance and drawn.x1 <= width + tolerance
+                    and drawn.y1 <= height + tolerance), (name, drawn, (width, height))
+            # no legend covers a title, a panel or its labels
+            others = [a.get_tightbbox(renderer) for a in fig.axes if a.get_visible()]
+            if fig._suptitle is not None:
+                others.append(fig._suptitle.get_window_extent(renderer))
+            for legend in fig.legends:
+                box = legend.get_window_extent(renderer)
+                assert not any(box.overlaps(other) for other in others), (name, len(rows))
+        assert made["pareto"].axes[0].get_ylabel() == "score (test accuracy)"
+        assert made["forest"].axes[0].get_xlabel() == "score (test accuracy) difference vs QLoRA"
 
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")

@@ -46,7 +46,21 @@ def _legend(fig: Figure, colors: dict[str, str], baseline: str, extra: list | No
     handles = [Line2D([], [], color=c, label=m, linewidth=2.5 if m == baseline else 1.5)
                if lines else Line2D([], [], color=c, linestyle="", label=m, **_marker(m, baseline))
                for m, c in colors.items()]
-    fig.legend(handles=handles + (extra or []), loc="outside right upper", fontsize=9)
+    _below(fig, handles + (extra or []))
+
+
+def _below(fig: Figure, handles: list) -> None:
+    """The figure's legend below its panels, in as many columns as fit its width: beside them,
+    a narrow figure's legend covered the title."""
+    widest = max((len(h.get_label()) for h in handles), default=1)
+    column_inches = 0.6 + 0.075 * widest  # a marker, then the label at 9 points
+    columns = max(1, min(len(handles), int(fig.get_figwidth() * 0.95 // column_inches)))
+    fig.legend(handles=handles, loc="outside lower center", ncols=columns, fontsize=9)
+
+
+def score_label(metric: str | None) -> str:
+    """The score axis's name: the task's metric on the test split."""
+    return f"score (test {metric.replace('_', ' ')})" if metric else "score (nothing scored)"
 
 
 def _no_data(ax) -> None:
@@ -55,7 +69,8 @@ def _no_data(ax) -> None:
     ax.set_yticks([])
 
 
-def _score_figure(summary: pd.DataFrame, x: str, xlabel: str, title: str, baseline: str, front=None) -> Figure:
+def _score_figure(summary: pd.DataFrame, x: str, xlabel: str, title: str, baseline: str, metric: str | None,
+                  front=None) -> Figure:
     models = model_order(summary)
     colors = method_colors(summary["method"])
     fig, axes = _figure(len(models), title)
@@ -80,23 +95,29 @@ def _score_figure(summary: pd.DataFrame, x: str, xlabel: str, title: str, baseli
             _no_data(ax)
         ax.set_title(model)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("score (test exact match)")
+        ax.set_ylabel(score_label(metric))
         ax.grid(alpha=0.3)
     extra = [Line2D([], [], color="grey", linestyle="--", label="Pareto front")] if front is not None else []
     _legend(fig, colors, baseline, extra)
     return fig
 
 
-def pareto_figure(summary: pd.DataFrame, front: set[tuple[str, str]], baseline: str) -> Figure:
+def pareto_figure(summary: pd.DataFrame, front: set[tuple[str, str]], baseline: str,
+                  metric: str | None = None) -> Figure:
     """Score vs peak memory per model; the Pareto front as a step line; bars: 95% intervals."""
     return _score_figure(summary, "peak_memory_mb", "peak memory (MiB)",
-                         "Score vs peak memory (up and left is better)", baseline, front)
+                         "Score vs peak memory (up and left is better)", baseline, metric, front)
 
 
-def speed_figure(summary: pd.DataFrame, baseline: str) -> Figure:
+def speed_figure(summary: pd.DataFrame, baseline: str, metric: str | None = None) -> Figure:
     """Score vs training throughput per model; bars: 95% intervals."""
     return _score_figure(summary, "tokens_per_s", "training throughput (tokens/s)",
-                         "Score vs speed (up and right is better)", baseline)
+                         "Score vs speed (up and right is better)", baseline, metric)
+
+
+def model_sizes(summary: pd.DataFrame) -> int:
+    """How many model sizes the summary holds (the scaling figure needs two)."""
+    return summary.groupby("model")["total_params"].min().dropna().nunique()
 
 
 def scaling_figure(df: pd.DataFrame, summary: pd.DataFrame, baseline: str) -> Figure:
@@ -197,7 +218,8 @@ def curves_figure(df: pd.DataFrame, summary: pd.DataFrame, baseline: str) -> Fig
     return fig
 
 
-def forest_figure(comparison: pd.DataFrame, summary: pd.DataFrame, base_title: str) -> Figure:
+def forest_figure(comparison: pd.DataFrame, summary: pd.DataFrame, base_title: str,
+                  metric: str | None = None) -> Figure:
     """Each method's score difference vs the baseline (named `base_title`) with its 95%
     interval (paired over test examples and seeds where per-example outcomes exist), and the
     seed-only Welch interval below it in grey, one panel per model."""
@@ -221,13 +243,13 @@ def forest_figure(comparison: pd.DataFrame, summary: pd.DataFrame, base_title: s
         ax.set_yticks(range(len(rows)), rows["method"])
         ax.set_ylim(-0.8, max(len(rows), 1) - 0.4)
         ax.set_title(model)
-        ax.set_xlabel(f"score difference vs {base_title}")
+        ax.set_xlabel(f"{score_label(metric)} difference vs {base_title}")
         ax.grid(alpha=0.3, axis="x")
     extra = [Line2D([], [], color="black", linewidth=2.5, label="paired (examples and seeds)"),
              Line2D([], [], color="grey", linewidth=1, label="seed-only (Welch)"),
              Line2D([], [], marker="o", color="black", markerfacecolor="white", linestyle="",
                     label="no per-example outcomes")]
-    fig.legend(handles=extra, loc="outside right upper", fontsize=9)
+    _below(fig, extra)
     return fig
 
 

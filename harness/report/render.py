@@ -333,6 +333,12 @@ def verdict_sections(views: list[tuple[str, pd.DataFrame]], outcomes: pd.DataFra
     return sections, table[["budget"] + [c for c in table.columns if c != "budget"]]
 
 
+def task_metric(df: pd.DataFrame) -> str | None:
+    """The metric the jobs' task is scored by (one task per report), None if it scores nothing."""
+    metrics = df["config.task.metric"].dropna().unique() if "config.task.metric" in df else []
+    return str(metrics[0]) if len(metrics) else None
+
+
 def render_report(df: pd.DataFrame, out_dir: Path, title: str, baseline: str = BASELINE) -> Path:
     """Write results.csv, verdicts.csv, examples.csv, the figures and index.html for the
     collected results `df`, every method compared with `baseline`."""
@@ -348,12 +354,18 @@ def render_report(df: pd.DataFrame, out_dir: Path, title: str, baseline: str = B
     write_csv(all_jobs, out_dir / "results.csv")
     comparisons.to_csv(out_dir / "verdicts.csv", index=False, lineterminator="\n")
     outcomes.to_csv(out_dir / "examples.csv", index=False, lineterminator="\n")
-    made = {"forest.png": figures.forest_figure(comparisons[comparisons["budget"] == views[0][0]], summary, base),
-            "pareto.png": figures.pareto_figure(summary, front, baseline),
-            "speed.png": figures.speed_figure(summary, baseline),
-            "scaling.png": figures.scaling_figure(df, summary, baseline),
+    metric = task_metric(all_jobs)
+    made = {"forest.png": figures.forest_figure(comparisons[comparisons["budget"] == views[0][0]], summary, base,
+                                                metric),
+            "pareto.png": figures.pareto_figure(summary, front, baseline, metric),
+            "speed.png": figures.speed_figure(summary, baseline, metric),
             "memory_model.png": figures.memory_model_figure(all_jobs, summary, baseline),
             "curves.png": figures.curves_figure(df, summary, baseline)}
+    left_out = {}
+    if figures.model_sizes(summary) >= 2:
+        made["scaling.png"] = figures.scaling_figure(df, summary, baseline)
+    else:  # a line through one size shows nothing
+        left_out["scaling.png"] = "Left out: the sweep has one model size, and scaling needs two or more."
     for name, fig in made.items():
         figures.save(fig, out_dir / name)
     env = Environment(loader=FileSystemLoader(Path(__file__).parent), autoescape=True,
@@ -365,7 +377,7 @@ def render_report(df: pd.DataFrame, out_dir: Path, title: str, baseline: str = B
         capability=_unique(all_jobs, "config.capability.name")
         if "metrics.capability_change" in all_jobs and all_jobs["metrics.capability_change"].notna().any() else None,
         sections=sections,
-        figures=[(f, h.format(base=base), c.format(base=base)) for f, h, c in FIGURES],
+        figures=[(f, h.format(base=base), left_out.get(f) or c.format(base=base), f in made) for f, h, c in FIGURES],
         notes=cannot_conclude(df, summary, baseline),
         learning_rates=Markup(learning_rate_table(choices)) if len(choices) else None,
         memory_model=Markup(m) if (m := memory_model_table(all_jobs)) else None,
