@@ -113,7 +113,6 @@ def missing(dry_run: bool, out: Path) -> str | None:
     absent = [name for name in PACKAGES if not importable(name)]
     if absent:
         return f"missing Python packages: {', '.join(absent)} (docs/gpu-evidence.md says how to carry them)"
-    free_disk = shutil.disk_usage(next(p for p in [out, *out.parents] if p.exists())).free / 2**30
     if dry_run:
         return None
     import torch
@@ -128,6 +127,7 @@ def missing(dry_run: bool, out: Path) -> str | None:
     free_gpu = torch.cuda.mem_get_info(0)[0] / 2**30
     if free_gpu < FREE_GPU_GIB:
         return f"GPU 0 has {free_gpu:.1f} GiB free; the run needs {FREE_GPU_GIB} GiB"
+    free_disk = shutil.disk_usage(next(p for p in [out, *out.parents] if p.exists())).free / 2**30
     if free_disk < FREE_DISK_GIB:
         return f"{out} has {free_disk:.1f} GiB of disk free; the run needs {FREE_DISK_GIB} GiB (random-weight checkpoints)"
     return None

@@ -148,9 +148,10 @@ def read_result(path: Path) -> dict:
 # --------------------------------------------------------------------------- provenance
 
 
-def package_versions() -> dict:
+def package_versions(names=PACKAGES) -> dict:
+    """The installed version of each package of `names` (None where it is not installed)."""
     versions = {}
-    for name in PACKAGES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -7,7 +7,6 @@ import math
 import os
 import shutil
 import tempfile
-from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +16,7 @@ from markupsafe import Markup
 from harness.report import figures
 from harness.report.aggregate import collect, collect_outcomes, write_csv
 from harness.config import method_title
+from harness.results import package_versions
 from harness.report.verdict import (against_baseline, cannot_conclude, detectable_by_model, pareto_front,
                                     score_matrices, select_learning_rates, summarize)
 
@@ -195,7 +195,8 @@ def provenance(df: pd.DataFrame) -> list[tuple[str, str]]:
              ("commands", _unique(df, "env.command"))]
     packages = sorted(c for c in df.columns if c.startswith("env.packages."))
     items += [(c.removeprefix("env.packages."), _versions(df[c])) for c in packages]
-    items.append(("report rendered with", ", ".join(f"{name} {_installed(name)}" for name in REPORT_PACKAGES)))
+    rendering = package_versions(REPORT_PACKAGES)
+    items.append(("report rendered with", ", ".join(f"{name} {v or 'unknown'}" for name, v in rendering.items())))
     return items
 
 
@@ -208,13 +209,6 @@ def _versions(column: pd.Series) -> str:
     if len(counts) <= 1:
         return counts.index[0] if len(counts) else "unknown"
     return ", ".join(f"{version} ({n} job{'s' if n != 1 else ''})" for version, n in counts.items())
-
-
-def _installed(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _first(df: pd.DataFrame, column: str, pick) -> str:
